@@ -1,0 +1,175 @@
+"""The model bundle: one self-describing file written by training and read by serving."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.pet_classifier import HeadConfig, PetClassifier
+from models.transforms import validate_preprocess
+
+FORMAT_NAME = "pet-classifier-bundle"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "arch", "head", "class_names", "preprocess", "state_dict", "content_hash")
+
+
+class BundleError(ValueError):
+    """A file is not a usable model bundle; the message names the file and the problem."""
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: everything needed to rebuild the model and its eval transform."""
+
+    path: str
+    arch: str
+    head: dict
+    class_names: list[str]
+    preprocess: dict
+    state_dict: dict
+    content_hash: str
+    metrics: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        """Short content-hash version, e.g. 'sha256:1a2b3c4d5e6f'."""
+        return f"sha256:{self.content_hash[:12]}"
+
+    def build_model(self, device: str | torch.device = "cpu") -> PetClassifier:
+        """A PetClassifier with the bundle's weights, in eval mode, on `device`."""
+        model = PetClassifier(len(self.class_names), arch=self.arch, weights="none", head=self.head)
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+
+def content_hash(arch: str, head: dict, class_names: list, preprocess: dict, state_dict: dict) -> str:
+    """sha256 over the metadata that defines predictions and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    meta = {"arch": arch, "head": head, "class_names": list(class_names), "preprocess": preprocess}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _plain(value):
+    """Round-trip through JSON so the bundle holds plain types only (weights_only-loadable)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def save_bundle(
+    path: str | os.PathLike,
+    model: PetClassifier,
+    class_names: list[str],
+    preprocess: dict,
+    metrics: dict | None = None,
+    training: dict | None = None,
+) -> str:
+    """Write the bundle atomically and return its version string."""
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} outputs")
+    validate_preprocess(preprocess)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    head = model.head_config.to_dict()
+    bundle = {
+        "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+        "arch": model.arch,
+        "head": head,
+        "class_names": list(class_names),
+        "preprocess": _plain(preprocess),
+        "state_dict": state_dict,
+        "metrics": _plain(metrics or {}),
+        "training": _plain(training or {}),
+        "content_hash": content_hash(model.arch, head, class_names, preprocess, state_dict),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a reader never sees a half-written bundle.
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        torch.save(bundle, tmp)
+    os.replace(tmp.name, path)
+    return f"sha256:{bundle['content_hash'][:12]}"
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise BundleError(f"model bundle {path} does not exist (train one with scripts/train.py)")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for non-torch or unsafe files
+        raise BundleError(f"{path} is not a model bundle: torch.load failed: {error}") from error
+    if not isinstance(raw, dict) or not isinstance(raw.get("format"), dict):
+        raise BundleError(f"{path} is not a model bundle: no 'format' entry (a bare state_dict or checkpoint?)")
+    return raw
+
+
+def _check_format(path: Path, raw: dict) -> None:
+    fmt = raw["format"]
+    if fmt.get("name") != FORMAT_NAME:
+        raise BundleError(f"{path} is not a model bundle: format name {fmt.get('name')!r}, expected {FORMAT_NAME!r}")
+    if fmt.get("version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has bundle format version {fmt.get('version')!r}; this code reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise BundleError(f"{path} is missing required keys {missing}")
+
+
+def _check_contents(path: Path, raw: dict) -> None:
+    names = raw["class_names"]
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise BundleError(f"{path}: class_names must be a list of at least 2 strings, got {names!r}")
+    if len(set(names)) != len(names):
+        raise BundleError(f"{path}: class_names has duplicates: {names!r}")
+    head_weights = [k for k in raw["state_dict"] if k.startswith("head.") and k.endswith(".weight")]
+    last = max(head_weights, key=lambda k: int(k.split(".")[1]), default=None)
+    outputs = raw["state_dict"][last].shape[0] if last else None
+    if outputs != len(names):
+        raise BundleError(f"{path}: {len(names)} class names but the head has {outputs} outputs")
+    try:
+        validate_preprocess(raw["preprocess"])
+        HeadConfig.from_dict(raw["head"])
+    except ValueError as error:
+        raise BundleError(f"{path}: {error}") from error
+    expected = content_hash(raw["arch"], raw["head"], names, raw["preprocess"], raw["state_dict"])
+    if expected != raw["content_hash"]:
+        raise BundleError(f"{path}: content hash mismatch (file corrupted or edited after saving)")
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Read and validate a bundle with torch.load(weights_only=True); raise BundleError on any problem."""
+    path = Path(path)
+    raw = _read(path)
+    _check_format(path, raw)
+    _check_contents(path, raw)
+    return Bundle(
+        path=str(path),
+        arch=raw["arch"],
+        head=raw["head"],
+        class_names=list(raw["class_names"]),
+        preprocess=raw["preprocess"],
+        state_dict=raw["state_dict"],
+        content_hash=raw["content_hash"],
+        metrics=raw.get("metrics") or {},
+        training=raw.get("training") or {},
+    )
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PetClassifier, Bundle]:
+    """Load a bundle and build its model on `device` in eval mode."""
+    bundle = load_bundle(path)
+    try:
+        return bundle.build_model(device), bundle
+    except (RuntimeError, ValueError) as error:
+        raise BundleError(f"{path}: weights do not fit {bundle.arch} with head {bundle.head}: {error}") from error
