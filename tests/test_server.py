@@ -1,0 +1,131 @@
+"""The real server: the canonical gunicorn command, 2 workers, on a loopback port."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.bundle import save_bundle
+from models.transforms import default_preprocess
+from tests.conftest import PHOTOS
+from tests.fixtures.server import PHOTO_NAMES, poll_readyz, reference_probabilities, start_server
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 60
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """Every sample of /metrics as {(name, sorted label items): value}."""
+    text = requests.get(f"{url}/metrics", timeout=TIMEOUT).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def livez_count_by_pid(metrics_dir: str) -> dict[int, float]:
+    """/livez requests counted in each worker's own file."""
+    counts = {}
+    for path in glob.glob(os.path.join(metrics_dir, "counter_*.db")):
+        pid = int(path.rsplit("_", 1)[1].split(".")[0])
+        samples = [s for m in MultiProcessCollector.merge([path]) for s in m.samples]
+        counts[pid] = sum(
+            s.value for s in samples if s.name == "petclf_requests_total" and s.labels.get("route") == "/livez"
+        )
+    return counts
+
+
+def test_concurrent_requests_are_batched_and_match_the_model(gunicorn_server, tiny_bundle_path):
+    photos = {name: (PHOTOS / f"{name}.jpg").read_bytes() for name in PHOTO_NAMES}
+    expected = {name: reference_probabilities(tiny_bundle_path, data) for name, data in photos.items()}
+    jobs = [name for name in PHOTO_NAMES for _ in range(6)]
+
+    def single(name):
+        response = requests.post(f"{gunicorn_server.url}/predict", files={"image": photos[name]}, timeout=TIMEOUT)
+        return name, response
+
+    def batch(_):
+        files = [("image", photos[name]) for name in PHOTO_NAMES]
+        return requests.post(f"{gunicorn_server.url}/predict/batch", files=files, timeout=TIMEOUT)
+
+    with ThreadPoolExecutor(12) as pool:
+        singles = list(pool.map(single, jobs))
+        batches = list(pool.map(batch, range(4)))
+    for name, response in singles:
+        assert response.status_code == 200, response.text
+        assert list(response.json()["all_probabilities"].values()) == pytest.approx(expected[name], abs=1e-4)
+    for response in batches:
+        assert response.status_code == 200, response.text
+        for name, result in zip(PHOTO_NAMES, response.json()["predictions"], strict=True):
+            assert list(result["all_probabilities"].values()) == pytest.approx(expected[name], abs=1e-4)
+    samples = scrape(gunicorn_server.url)
+    assert samples[("petclf_batch_size_bucket", (("le", "1.0"),))] < samples[("petclf_batch_size_count", ())]
+    assert samples[("petclf_batch_size_sum", ())] >= len(jobs) + 4 * len(PHOTO_NAMES)
+
+
+def test_counts_from_both_workers_add_up(gunicorn_server):
+    metrics_dir = os.path.join(os.path.dirname(gunicorn_server.log_path), "metrics")
+    before = sum(livez_count_by_pid(metrics_dir).values())
+    sent = 0
+    # New connections land on either worker; send until both have answered some (bounded).
+    while sent < 400 and sum(1 for count in livez_count_by_pid(metrics_dir).values() if count) < 2:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: requests.get(f"{gunicorn_server.url}/livez", timeout=TIMEOUT), range(16)))
+        sent += 16
+    per_worker = livez_count_by_pid(metrics_dir)
+    assert sum(1 for count in per_worker.values() if count) == 2, per_worker
+    for _ in range(4):  # whichever worker answers the scrape reports the total of both
+        assert scrape(gunicorn_server.url)[("petclf_requests_total", (("route", "/livez"), ("status", "200")))] == (
+            before + sent
+        )
+    infos = [key for key in scrape(gunicorn_server.url) if key[0] == "petclf_model_info"]
+    assert len(infos) == 1
+
+
+def test_model_and_openapi_over_http(gunicorn_server, class_names):
+    assert requests.get(f"{gunicorn_server.url}/model", timeout=TIMEOUT).json()["class_names"] == class_names
+    assert requests.get(f"{gunicorn_server.url}/openapi.json", timeout=TIMEOUT).json()["openapi"].startswith("3.")
+    response = requests.post(f"{gunicorn_server.url}/predict", data=b"junk", timeout=TIMEOUT)
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.fixture
+def slow_bundle(tmp_path, tiny_model, class_names):
+    """The tiny model with 224-pixel preprocessing: warm-up at a large batch takes a noticeable time."""
+    path = tmp_path / "slow.pt"
+    save_bundle(path, tiny_model, class_names, default_preprocess(224))
+    return path
+
+
+def wait_for_queue_depth(url: str, depth: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while scrape(url).get(("petclf_queue_depth", ()), 0) < depth:
+        assert time.monotonic() < deadline, "requests never reached the queue"
+        time.sleep(0.05)
+
+
+def test_not_ready_until_warm_then_sigterm_drains(slow_bundle, tmp_path, cat_jpeg):
+    # One worker; the batcher waits 1.5 s for a fuller batch, so requests are in flight when SIGTERM comes.
+    server = start_server(slow_bundle, tmp_path, workers=1, MAX_BATCH_SIZE=16, MAX_BATCH_WAIT_MS=1500)
+    try:
+        statuses = poll_readyz(server)
+        assert statuses[0] == 503 and statuses[-1] == 200
+        with ThreadPoolExecutor(4) as pool:
+            post = lambda _: requests.post(f"{server.url}/predict", files={"image": cat_jpeg}, timeout=TIMEOUT)  # noqa: E731
+            futures = [pool.submit(post, i) for i in range(4)]
+            wait_for_queue_depth(server.url, 4)
+            assert server.stop() == 0
+            responses = [future.result() for future in futures]
+    finally:
+        server.stop()
+    assert [r.status_code for r in responses] == [200] * 4
+    assert all(r.json()["predicted_class"] for r in responses)
+    assert "draining" in server.log()

@@ -1,0 +1,127 @@
+"""scripts/train.py end to end on the CPU: learning, bundle, reports, resume, hygiene, options, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import evaluate
+import pytest
+import torch
+import train
+
+from models.bundle import load_model
+from models.data import DataError
+from models.images import load_image
+from models.reporting import sibling
+from models.transforms import eval_transform
+from tests.conftest import REPO_ROOT
+from tests.fixtures.training import run_train, train_argv
+
+pytestmark = pytest.mark.slow
+
+
+def test_three_epochs_beat_chance_clearly(trained_run):
+    assert len(trained_run["history"]) == 3
+    assert trained_run["best_val_acc"] >= 0.55  # chance is 1/3
+
+
+def test_bundle_loads_and_predicts(trained_bundle_path, training_data, class_names):
+    model, bundle = load_model(trained_bundle_path)
+    assert bundle.class_names == class_names
+    assert set(bundle.metrics) >= {"best_val_acc", "val_loss", "per_class_acc", "epoch", "train_images_per_s"}
+    assert set(bundle.metrics["per_class_acc"]) == set(class_names)
+    assert bundle.training["arch"] == "resnet18" and bundle.training["epochs"] == 3
+    assert bundle.training["class_counts"]["train"] == dict.fromkeys(class_names, 80)
+    image = load_image(next((training_data / "val" / "circle").iterdir()))
+    with torch.inference_mode():
+        probs = model(eval_transform(bundle.preprocess)(image).unsqueeze(0)).softmax(dim=1)
+    assert probs.shape == (1, 3) and probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_history_curves_and_checkpoint_are_written(trained_bundle_path):
+    history = json.loads(sibling(trained_bundle_path, ".history.json").read_text())
+    assert [row["epoch"] for row in history["epochs"]] == [0, 1, 2]
+    assert {"lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "time_s"} <= set(
+        history["epochs"][0]
+    )
+    assert sibling(trained_bundle_path, ".history.csv").read_text().count("\n") == 4
+    assert sibling(trained_bundle_path, ".curves.png").read_bytes().startswith(b"\x89PNG")
+    ckpt = torch.load(sibling(trained_bundle_path, ".ckpt"), map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2 and {"model", "optimizer", "schedule", "scaler", "history"} <= set(ckpt)
+
+
+def test_resume_continues_from_the_saved_epoch(tmp_path, demo_data, capsys):
+    output = tmp_path / "model.pt"
+    run_train(demo_data, output, "--epochs", "1")
+    summary = run_train(demo_data, output, "--epochs", "2", "--resume", str(sibling(output, ".ckpt")))
+    assert "resumed from" in capsys.readouterr().out
+    assert [row["epoch"] for row in summary["history"]] == [0, 1]
+    ckpt = torch.load(sibling(output, ".ckpt"), map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1
+
+
+def test_overlap_refused_allowed_and_unreadable_skipped(tmp_path, demo_data):
+    data = Path(shutil.copytree(demo_data, tmp_path / "data"))
+    shutil.copy(data / "train" / "square" / "square_0001.jpg", data / "val" / "square" / "copy.jpg")
+    (data / "train" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    output = tmp_path / "model.pt"
+    with pytest.raises(DataError, match="square_0001.jpg"):
+        run_train(data, output)
+    assert not output.exists()
+    run_train(data, output, "--allow-overlap")
+    skipped = json.loads(sibling(output, ".history.json").read_text())["skipped_images"]
+    assert [Path(item["path"]).name for item in skipped] == ["broken.jpg"]
+    assert load_model(output)[1].training["skipped_images"] == skipped
+
+
+def test_other_options_run(tmp_path, demo_data):
+    options = ["--opt", "sgd", "--lr-scheduler", "step", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]
+    options += ["--class-weights", "balanced", "--balanced-sampler", "--strategy", "feature-extraction"]
+    summary = run_train(demo_data, tmp_path / "model.pt", *options, "--amp", "bf16", "--label-smoothing", "0.1")
+    assert summary["history"][0]["trainable"] == ["head"]
+    assert 0.0 <= summary["best_val_acc"] <= 1.0
+
+
+def test_demo_preset_yields_to_explicit_flags():
+    args = train.parse_args(["--demo", "--data-dir", "d", "--epochs", "3"])
+    assert (args.arch, args.image_size, args.weights, args.epochs) == ("resnet18", 64, "auto", 3)
+    assert train.parse_args(["--data-dir", "d"]).arch == "resnet50"
+    assert "(default: resnet50)" in train.get_args_parser().format_help()
+
+
+def test_torchrun_two_processes_write_one_bundle(tmp_path, demo_data):
+    out_dir = tmp_path / "out"
+    # Gradual unfreezing also exercises re-wrapping DDP when the trainable set grows.
+    argv = train_argv(demo_data, out_dir / "model.pt", "--epochs", "2", "--strategy", "gradual-unfreeze")
+    argv += ["--unfreeze-every", "1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*command, str(REPO_ROOT / "scripts" / "train.py"), *argv],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "model.ckpt",
+        "model.curves.png",
+        "model.history.csv",
+        "model.history.json",
+        "model.pt",
+    ]
+    assert result.stdout.count("epoch   1 |") == 1  # only rank 0 logs
+    bundle = load_model(out_dir / "model.pt")[1]
+    assert bundle.training["world_size"] == 2
+    # Validation was sharded over two processes and all-reduced: one process over all images agrees.
+    eval_argv = ["--model", str(out_dir / "model.pt"), "--data-dir", str(demo_data), "--out", str(tmp_path / "eval")]
+    report = evaluate.main(evaluate.get_args_parser().parse_args([*eval_argv, "--workers", "0"]))
+    assert report["accuracy"] == pytest.approx(bundle.metrics["val_acc"])
+    assert report["loss"] == pytest.approx(bundle.metrics["val_loss"], rel=1e-4)
