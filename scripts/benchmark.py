@@ -1,9 +1,12 @@
-"""Serving throughput and latency percentiles: N concurrent clients posting a real JPEG to /predict.
+"""Benchmarks. Serving (default): throughput and latency percentiles of N concurrent clients posting a
+real JPEG to /predict. Model (--mode model): training-step and inference images/s of an architecture.
 
 Against a running server:
     python scripts/benchmark.py --url http://127.0.0.1:5000 --concurrency 16 --requests 400
 Start the server itself (canonical gunicorn command, free port), micro-batched vs one forward per request:
     python scripts/benchmark.py --spawn --model models/pet_classifier.pt --compare-naive
+Training and inference throughput (forward + backward + AdamW step; inference under inference_mode):
+    python scripts/benchmark.py --mode model --arch resnet50 --image-size 224 --batch-size 16 --device auto
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import _path  # noqa: F401  (repository root on sys.path)
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +46,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-wait-ms", type=float, default=5, help="MAX_BATCH_WAIT_MS of spawned servers")
     parser.add_argument("--compare-naive", action="store_true", help="with --spawn: also run MAX_BATCH_SIZE=1")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--mode", choices=("serve", "model"), default="serve", help="what to measure")
+    model = parser.add_argument_group("--mode model")
+    model.add_argument("--arch", nargs="+", default=["resnet50"], help="architectures to measure")
+    model.add_argument("--image-size", type=int, nargs="+", default=[224], help="square input sizes")
+    model.add_argument("--batch-size", type=int, default=16, help="images per step")
+    model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    model.add_argument("--amp", default="auto", help="auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none")
+    model.add_argument("--seconds", type=float, default=10.0, help="measuring time per phase")
     return parser
 
 
@@ -148,7 +160,67 @@ def spawned(args, max_batch_size: int):
             process.wait(60)
 
 
+def _rate(step, batch_size: int, seconds: float, sync) -> float:
+    """Images/s of `step` over at least `seconds` (and 3 steps), after 2 unmeasured steps."""
+    step(), step()
+    sync()
+    count, start = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - start < seconds:
+        step()
+        count += 1
+    sync()
+    return round(batch_size * count / (time.perf_counter() - start), 1)
+
+
+def model_throughput(arch: str, size: int, args) -> dict:
+    """Training-step and inference images/s of a fresh PetClassifier(arch) on random data."""
+    import torch  # only this mode needs torch in the benchmark process
+
+    from models.distributed import resolve_device
+    from models.engine import Runtime, resolve_amp
+    from models.pet_classifier import PetClassifier
+
+    device = resolve_device(args.device)
+    runtime = Runtime(device, amp=resolve_amp(args.amp, device), channels_last=device.type == "cuda")
+    torch.manual_seed(0)
+    model = PetClassifier(10, arch=arch).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
+    images, labels = runtime.to_device(
+        torch.randn(args.batch_size, 3, size, size), torch.randint(0, 10, (args.batch_size,))
+    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def train_step():
+        with runtime.autocast():
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def infer_step():
+        with torch.inference_mode(), runtime.autocast():
+            model(images)
+
+    model.train()
+    train = _rate(train_step, args.batch_size, args.seconds, sync)
+    model.eval()
+    infer = _rate(infer_step, args.batch_size, args.seconds, sync)
+    return {
+        "arch": arch,
+        "image_size": size,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "amp": runtime.amp,
+        "train_images_per_s": train,
+        "inference_images_per_s": infer,
+    }
+
+
 def main(args) -> list[dict]:
+    if args.mode == "model":
+        return report([model_throughput(arch, size, args) for arch in args.arch for size in args.image_size], args)
     data = args.image.read_bytes()
     results = []
     if not args.spawn:
@@ -158,6 +230,11 @@ def main(args) -> list[dict]:
         for size in sizes:
             with spawned(args, size) as url:
                 results.append({"server": f"spawned MAX_BATCH_SIZE={size}", **measure(url, args, data)})
+    return report(results, args)
+
+
+def report(results: list[dict], args) -> list[dict]:
+    """Print one JSON line per result; also write them all to --json when given."""
     for result in results:
         print(json.dumps(result))
     if args.json:
