@@ -46,8 +46,8 @@ class Metrics(BatchObserver):
         self.rejected = Counter(f"{PREFIX}_rejected_requests", "Refused requests", ["reason"], registry=reg)
         self.predictions = Counter(f"{PREFIX}_predictions", "Predictions by top class", ["class"], registry=reg)
         self.model_info = Gauge(
-            f"{PREFIX}_model_info", "The served model (value 1)", ["version", "arch", "device"],
-            multiprocess_mode="livemax", registry=reg,
+            f"{PREFIX}_model_info", "Live workers serving this model", ["version", "arch", "device"],
+            multiprocess_mode="livesum", registry=reg,
         )  # fmt: skip
         # Label children created once, so the hot path does no label lookups.
         self._by_class = {name: self.predictions.labels(name) for name in class_names}

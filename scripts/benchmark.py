@@ -74,19 +74,27 @@ def spawn_server(env: dict, log_file) -> tuple[subprocess.Popen, str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float = 180) -> None:
-    """Poll /readyz until 200; raise if the process exits or the timeout passes."""
+def ready_workers(url: str) -> int:
+    """Live, warmed-up workers behind `url`: the petclf_model_info gauge summed over its label sets."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return int(
+        sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("petclf_model_info{"))
+    )
+
+
+def wait_ready(url: str, process: subprocess.Popen | None = None, workers: int = 1, timeout: float = 180) -> None:
+    """Poll until /readyz is 200 and `workers` workers have warmed up; raise if the process exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with code {process.returncode}")
         try:
-            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+            if requests.get(f"{url}/readyz", timeout=5).status_code == 200 and ready_workers(url) >= workers:
                 return
         except requests.ConnectionError:
             pass
         time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
+    raise TimeoutError(f"{url}: {workers} ready worker(s) not seen after {timeout}s")
 
 
 def _client(url: str, data: bytes, count: int, latencies: list, errors: list) -> None:
@@ -153,7 +161,7 @@ def spawned(args, max_batch_size: int):
     with open(os.devnull, "wb") as log_file:
         process, url = spawn_server(env, log_file)
         try:
-            wait_ready(url, process)
+            wait_ready(url, process, args.workers)
             yield url
         finally:
             process.terminate()

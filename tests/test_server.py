@@ -86,8 +86,8 @@ def test_counts_from_both_workers_add_up(gunicorn_server):
         assert scrape(gunicorn_server.url)[("petclf_requests_total", (("route", "/livez"), ("status", "200")))] == (
             before + sent
         )
-    infos = [key for key in scrape(gunicorn_server.url) if key[0] == "petclf_model_info"]
-    assert len(infos) == 1
+    infos = {key: value for key, value in scrape(gunicorn_server.url).items() if key[0] == "petclf_model_info"}
+    assert list(infos.values()) == [2.0], "one model, served by two live workers"
 
 
 def test_model_and_openapi_over_http(gunicorn_server, class_names):
