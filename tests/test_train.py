@@ -43,6 +43,17 @@ def test_bundle_loads_and_predicts(trained_bundle_path, training_data, class_nam
     assert probs.shape == (1, 3) and probs.sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_service_reproduces_the_validation_accuracy(app_factory, trained_run, training_data):
+    client = app_factory(trained_run["output"]).test_client()
+    images = sorted((training_data / "val").rglob("*.jpg"))
+    correct = 0
+    for path in images:
+        answer = client.post("/predict", data=path.read_bytes(), content_type="image/jpeg")
+        assert answer.status_code == 200, answer.json
+        correct += answer.json["predicted_class"] == path.parent.name
+    assert correct / len(images) == pytest.approx(trained_run["best_val_acc"])
+
+
 def test_history_curves_and_checkpoint_are_written(trained_bundle_path):
     history = json.loads(sibling(trained_bundle_path, ".history.json").read_text())
     assert [row["epoch"] for row in history["epochs"]] == [0, 1, 2]
