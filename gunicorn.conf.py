@@ -32,9 +32,15 @@ def _check_app_settings() -> None:
     from app.config import ConfigError, load_settings
 
     try:
-        load_settings()
+        settings = load_settings()
     except ConfigError as error:
         sys.exit(f"configuration error: {error}")
+    if not os.path.isfile(settings.model_path):
+        # Workers would each fail with a traceback; one line from the master says it better.
+        sys.exit(
+            f"configuration error: MODEL_PATH={settings.model_path!r} is not a file; "
+            "train a bundle first (make model, or python scripts/train.py --output PATH)"
+        )
 
 
 bind = os.environ.get("BIND") or f"0.0.0.0:{_int('PORT', 5000, 1)}"

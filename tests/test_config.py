@@ -97,14 +97,22 @@ def _check_config(env: dict) -> subprocess.CompletedProcess:
     )
 
 
-def test_gunicorn_config_refuses_bad_settings_before_forking(tmp_path):
-    result = _check_config({"MAX_BATCH_SIZE": "0", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MAX_BATCH_SIZE": "0"}, "MAX_BATCH_SIZE='0' is invalid: must be an integer in [1, 1024]"),
+        ({"MODEL_PATH": "/no/such/bundle.pt"}, "MODEL_PATH='/no/such/bundle.pt' is not a file; train a bundle first"),
+    ],
+)
+def test_gunicorn_config_refuses_bad_settings_before_forking(tmp_path, env, message):
+    result = _check_config({**env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
     assert result.returncode != 0
-    assert "MAX_BATCH_SIZE" in result.stderr and "[1, 1024]" in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_gunicorn_config_refuses_bad_worker_count(tmp_path):
+def test_gunicorn_refuses_a_bad_worker_count(tmp_path):
+    # gunicorn itself parses WEB_CONCURRENCY (with its own traceback) before reading gunicorn.conf.py.
     result = _check_config({"WEB_CONCURRENCY": "none", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
     assert result.returncode != 0 and "WEB_CONCURRENCY" in result.stderr
 
