@@ -9,7 +9,13 @@ from app import schemas
 
 TITLE = "Pet classifier"
 ERROR = {"content": {"application/json": {"schema": "Error"}}}
-_IMAGE_BODY = {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}
+_BINARY = {"type": "string", "format": "binary"}
+_IMAGE_BODY = {"type": "object", "properties": {"image": _BINARY}, "required": ["image"]}
+_IMAGES_BODY = {
+    "type": "object",
+    "properties": {"image": {"type": "array", "items": _BINARY, "minItems": 1}},
+    "required": ["image"],
+}
 
 
 def _errors(*statuses: int) -> dict:
@@ -49,11 +55,10 @@ def build_spec(version: str) -> dict:
         spec.components.schema(name, schema=getattr(schemas, f"{name}Schema"))
     single_body = {
         "multipart/form-data": {"schema": _IMAGE_BODY},
-        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "image/*": {"schema": _BINARY},
         "application/json": {"schema": "Base64Image"},
     }
-    batch_body = {"multipart/form-data": {"schema": {"type": "object", "properties": {"image": {
-        "type": "array", "items": {"type": "string", "format": "binary"}}}}}}  # fmt: skip
+    batch_body = {"multipart/form-data": {"schema": _IMAGES_BODY}}
     spec.path("/predict", operations={"post": _predict_operation("Classify one image", single_body, "Prediction")})
     spec.path(
         "/predict/batch",
