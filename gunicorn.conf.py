@@ -55,7 +55,7 @@ accesslog = "-"
 errorlog = "-"
 # Several servers may share a host (replicas, tests); gunicorn's default control socket path would clash.
 control_socket_disable = True
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = (os.environ.get("LOG_LEVEL") or "info").lower()
 _own_metrics_dir = None  # set when this file chose the directory, so on_exit may delete it
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = os.path.join(tempfile.gettempdir(), f"petclf-prometheus-{os.getpid()}")

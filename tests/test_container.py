@@ -165,10 +165,11 @@ def test_compose_environment_is_understood_by_the_service():
         re.findall(r"""(?:_int|environ\.get)\(\s*["']([A-Z_]+)["']""", (REPO_ROOT / "gunicorn.conf.py").read_text())
     )
     known = {name.upper() for name in PARSERS} | gunicorn_vars
-    for service in ("api",):
-        unknown = set(compose()["services"][service]["environment"]) - known
-        assert not unknown, f"{service} sets variables nothing reads: {sorted(unknown)}"
+    unknown = set(compose()["services"]["api"]["environment"]) - known
+    assert not unknown, f"api sets variables nothing reads: {sorted(unknown)}"
     assert {"PORT", "WEB_CONCURRENCY", "THREADS"} <= gunicorn_vars
+    script = (REPO_ROOT / "scripts" / "ensure_model.sh").read_text()
+    assert all(f"${{{name}" in script for name in compose()["services"]["train"]["environment"])
 
 
 def test_train_runs_first_and_shares_the_bundle_volume():
@@ -188,7 +189,7 @@ def test_gpu_override_reserves_a_gpu_for_train_and_api():
         (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia"
         assert device["capabilities"] == ["gpu"]
-        assert services[name]["environment"]["DEVICE"] == "cuda"
+    assert services["api"]["environment"]["DEVICE"] == "cuda"
 
 
 def test_prometheus_profile_scrapes_the_api_metrics(app):
