@@ -92,13 +92,21 @@ def save_bundle(
         "training": _plain(training or {}),
         "content_hash": content_hash(model.arch, head, class_names, preprocess, state_dict),
     }
+    atomic_save(bundle, path)
+    return f"sha256:{bundle['content_hash'][:12]}"
+
+
+def atomic_save(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file, then rename: a reader (or a crash) never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a reader never sees a half-written bundle.
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        torch.save(bundle, tmp)
+        try:
+            torch.save(obj, tmp)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
     os.replace(tmp.name, path)
-    return f"sha256:{bundle['content_hash'][:12]}"
 
 
 def _read(path: Path) -> dict:

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
 from models import distributed as dist_utils
-from models.bundle import save_bundle
+from models.bundle import atomic_save, save_bundle
 from models.data import (
     DataError,
     DataSplit,
@@ -440,7 +440,7 @@ def fit(args, state: TrainState, data: DataSplit, ctx, runtime: Runtime, lr_mult
                     metrics,
                     training_info(args, data, ctx, weights),
                 )
-            torch.save(checkpoint_dict(state, epoch, data, args), args.checkpoint)
+            atomic_save(checkpoint_dict(state, epoch, data, args), args.checkpoint)
             write_reports(args, state, data)
         if should_stop(state, args.patience):
             log(ctx, f"early stop: no better val accuracy for {args.patience} epochs")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.bundle import FORMAT_NAME, BundleError, content_hash, load_bundle, load_model, save_bundle
+from models.bundle import FORMAT_NAME, BundleError, atomic_save, content_hash, load_bundle, load_model, save_bundle
 from models.pet_classifier import PetClassifier
 from models.transforms import default_preprocess
 
@@ -112,3 +112,11 @@ def test_pickled_code_is_never_executed(tmp_path):
     torch.save({"format": {"name": FORMAT_NAME, "version": 1}, "payload": PetClassifier}, path)
     with pytest.raises(BundleError, match="torch.load failed"):
         load_bundle(path)
+
+
+def test_a_failed_save_leaves_the_previous_file_intact(bundle_copy):
+    before = bundle_copy.read_bytes()
+    with pytest.raises(Exception, match="pickle"):
+        atomic_save({"not serialisable": lambda: 0}, bundle_copy)
+    assert bundle_copy.read_bytes() == before
+    assert [p.name for p in bundle_copy.parent.iterdir()] == [bundle_copy.name], "no temporary file left behind"
