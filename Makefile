@@ -16,7 +16,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-run: $(VENV)/.installed model serve
+run: model  # then serve, strictly after the model exists (also under make -j)
+	$(MAKE) --no-print-directory serve
 
 model: $(VENV)/.installed
 	PYTHON=$(PY) DEMO_DIR=$(DEMO_DATA) sh scripts/ensure_model.sh
