@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
 from app.config import ConfigError, Settings
 from models.bundle import Bundle
+from models.engine import Runtime
 from models.images import decode_image
 from models.transforms import eval_transform
 
 log = logging.getLogger(__name__)
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(settings: Settings) -> torch.device:
@@ -40,34 +39,26 @@ class Classifier:
     def __init__(self, model: torch.nn.Module, bundle: Bundle, device: torch.device, precision: str, max_pixels: int):
         self.model = model
         self.device = device
-        self.precision = precision
         self.version = bundle.version
         self.class_names = tuple(bundle.class_names)
         self.crop = bundle.preprocess["crop"]
         self.min_size = bundle.preprocess["resize"]
         self.max_pixels = max_pixels
         self.transform = eval_transform(bundle.preprocess)
-        self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
-        self.channels_last = device.type == "cuda"
+        # The training engine's runtime: same autocast and device placement as training and evaluation.
+        amp = "none" if precision == "fp32" else precision
+        self.runtime = Runtime(device, amp=amp, channels_last=device.type == "cuda")
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Untrusted bytes -> normalised (3, crop, crop) float tensor; raises models.images.ImageError."""
         image = decode_image(data, self.max_pixels, min_size=self.min_size)
         return self.transform(image)
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, classes) float32 probabilities on the CPU, in one forward pass."""
         with torch.inference_mode():
-            inputs = batch.to(self.device, non_blocking=True)
-            if self.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                logits = self.model(inputs)
+            with self.runtime.autocast():
+                logits = self.model(self.runtime.to_device(batch))
             # Softmax in float32 whatever the autocast dtype, then one device->host copy per batch.
             return torch.softmax(logits.float(), dim=1).cpu()
 
