@@ -58,6 +58,11 @@ def class_folders(root: Path) -> list[str]:
     return names
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Image files (by extension) anywhere under `folder`, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+
+
 def folder_samples(root: Path, class_names: list[str]) -> list[Sample]:
     """Every image file under root/<class>/ (recursively), labelled by its class folder's index in class_names."""
     unknown = sorted(set(class_folders(root)) - set(class_names))
@@ -67,8 +72,7 @@ def folder_samples(root: Path, class_names: list[str]) -> list[Sample]:
     for index, name in enumerate(class_names):
         folder = root / name
         if folder.is_dir():
-            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-            samples.extend((str(path), index) for path in files)
+            samples.extend((str(path), index) for path in image_files(folder))
     return samples
 
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import _path  # noqa: F401  (repository root on sys.path)
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from models.bundle import BundleError, load_model
-from models.data import make_loader
+from models.data import image_files, make_loader
 from models.distributed import resolve_device
 from models.engine import AMP_CHOICES, Runtime, predict_probs, progress_enabled, resolve_amp
 from models.images import ImageError, load_image
@@ -42,13 +41,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def image_files(inputs: list[str]) -> list[str]:
+def input_files(inputs: list[str]) -> list[str]:
     """Files as given plus image files found under folders, in a stable order."""
     files = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files.extend(str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            files.extend(str(p) for p in image_files(path))
         else:
             files.append(str(path))
     return files
@@ -116,7 +115,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
     runtime = Runtime(device, resolve_amp(args.amp, device), progress=progress_enabled(True))
     model, bundle = load_model(args.model, device)
-    files = image_files(args.inputs)
+    files = input_files(args.inputs)
     loader = make_loader(PredictFiles(files, bundle.preprocess), args.batch_size, args.workers)
     probs, errors = predict_probs(model, loader, runtime)
     rows = rows_for(files, probs, errors, bundle.class_names, args.top_k)
