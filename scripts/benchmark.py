@@ -185,7 +185,7 @@ def model_throughput(arch: str, size: int, args) -> dict:
     import torch  # only this mode needs torch in the benchmark process
 
     from models.distributed import resolve_device
-    from models.engine import Runtime, resolve_amp
+    from models.engine import Runtime, make_scaler, resolve_amp
     from models.pet_classifier import PetClassifier
 
     device = resolve_device(args.device)
@@ -193,7 +193,7 @@ def model_throughput(arch: str, size: int, args) -> dict:
     torch.manual_seed(0)
     model = PetClassifier(10, arch=arch).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
+    scaler = make_scaler(runtime)
     images, labels = runtime.to_device(
         torch.randn(args.batch_size, 3, size, size), torch.randint(0, 10, (args.batch_size,))
     )

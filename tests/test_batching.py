@@ -101,9 +101,8 @@ def test_full_queue_refuses(batchers):
 
 
 def test_expired_items_are_not_computed(batchers):
-    seen = []
-    gate = Gate(lambda batch: seen.append(len(batch)) or batch)
-    batcher = batchers(gate, max_batch_size=4, max_wait_s=0.0)
+    recorder, gate = Recorder(), Gate(lambda batch: batch)
+    batcher = batchers(gate, max_batch_size=4, max_wait_s=0.0, observer=recorder)
     batcher.submit(torch.zeros(1))
     assert gate.entered.wait(WAIT)
     expired = batcher.submit(torch.zeros(1), timeout_s=0.0)
@@ -112,20 +111,19 @@ def test_expired_items_are_not_computed(batchers):
     with pytest.raises(DeadlineExceeded):
         expired.result(WAIT)
     assert alive.result(WAIT).item() == 1.0
-    assert seen == [1, 1]  # the expired item never reached a forward pass
+    assert recorder.sizes == [1, 1]  # the expired item never reached a forward pass
 
 
 def test_cancelled_items_are_skipped(batchers):
-    seen = []
-    gate = Gate(lambda batch: seen.append(len(batch)) or batch)
-    batcher = batchers(gate, max_batch_size=4, max_wait_s=0.0)
+    recorder, gate = Recorder(), Gate(lambda batch: batch)
+    batcher = batchers(gate, max_batch_size=4, max_wait_s=0.0, observer=recorder)
     batcher.submit(torch.zeros(1))
     assert gate.entered.wait(WAIT)
     assert batcher.submit(torch.zeros(1)).cancel()
     kept = batcher.submit(torch.ones(1))
     gate.opened.set()
     assert kept.result(WAIT).item() == 1.0
-    assert seen == [1, 1]
+    assert recorder.sizes == [1, 1]
 
 
 def test_exception_fails_only_its_own_batch(batchers):
