@@ -89,9 +89,3 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     if _active():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=src)
-
-
-def barrier() -> None:
-    """Wait for every process; a no-op in a single process."""
-    if _active():
-        dist.barrier()
