@@ -16,6 +16,12 @@ COPY requirements.txt /tmp/requirements.txt
 RUN grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt \
     && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt \
     && pip install -r /tmp/requirements.txt
+# The project itself (packages app and models), after the heavy layer so code changes rebuild in seconds.
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY app/ app/
+COPY models/ models/
+RUN pip install --no-deps .
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="pet-classifier" \
@@ -33,8 +39,6 @@ RUN groupadd --system --gid 10001 app \
     && chown app:app /models /cache/torch
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /srv/app
-COPY --chown=app:app app/ app/
-COPY --chown=app:app models/ models/
 COPY --chown=app:app scripts/ scripts/
 COPY --chown=app:app gunicorn.conf.py ./
 USER 10001:10001

@@ -10,10 +10,11 @@ export MODEL_PATH PORT
 
 .PHONY: run serve test lint model clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .  # the app and models packages, importable from anywhere
 	touch $@
 
 run: model  # then serve, strictly after the model exists (also under make -j)

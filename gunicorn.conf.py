@@ -16,51 +16,45 @@ import tempfile
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _int(name: str, default: int, low: int = 0) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        value = int(raw) if raw.strip() else default
-    except ValueError:
-        value = low - 1
-    if value < low:
-        sys.exit(f"configuration error: {name}={raw!r} is invalid: must be an integer >= {low}")
-    return value
+# prometheus_client picks its (multiprocess) value class at import time, and importing the app package
+# imports it: choose the directory before the first `from app...` below.
+_own_metrics_dir = None  # set when this file chose the directory, so on_exit may delete it
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _own_metrics_dir = os.path.join(tempfile.gettempdir(), f"petclf-prometheus-{os.getpid()}")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
 
 
-def _check_app_settings() -> None:
-    """Validate the app's settings in the master, so a bad value stops the server before any worker forks."""
-    from app.config import ConfigError, load_settings
+def _settings():
+    """Validate the server's and the app's settings in the master, so a bad value stops it before any fork."""
+    from app.config import ConfigError, load_server_settings, load_settings
 
     try:
-        settings = load_settings()
+        server, app = load_server_settings(), load_settings()
     except ConfigError as error:
         sys.exit(f"configuration error: {error}")
-    if not os.path.isfile(settings.model_path):
+    if not os.path.isfile(app.model_path):
         # Workers would each fail with a traceback; one line from the master says it better.
         sys.exit(
-            f"configuration error: MODEL_PATH={settings.model_path!r} is not a file; "
+            f"configuration error: MODEL_PATH={app.model_path!r} is not a file; "
             "train a bundle first (make model, or python scripts/train.py --output PATH)"
         )
+    return server, app
 
 
-bind = os.environ.get("BIND") or f"0.0.0.0:{_int('PORT', 5000, 1)}"
+_server, _app = _settings()
+bind = _server.address
 worker_class = "gthread"
-workers = _int("WEB_CONCURRENCY", 1, 1)  # one per GPU; on CPU, one per few cores (TORCH_THREADS splits them)
-threads = _int("THREADS", 16, 1)  # concurrent requests per worker: what the batcher can group
-timeout = _int("TIMEOUT", 120, 1)
-graceful_timeout = _int("GRACEFUL_TIMEOUT", 30, 1)
-keepalive = _int("KEEPALIVE", 5, 0)
+workers = _server.web_concurrency  # one per GPU; on CPU, one per few cores (TORCH_THREADS splits them)
+threads = _server.threads  # concurrent requests per worker: what the batcher can group
+timeout = _server.timeout
+graceful_timeout = _server.graceful_timeout
+keepalive = _server.keepalive
 preload_app = False
 accesslog = "-"
 errorlog = "-"
 # Several servers may share a host (replicas, tests); gunicorn's default control socket path would clash.
 control_socket_disable = True
-loglevel = (os.environ.get("LOG_LEVEL") or "info").lower()
-_own_metrics_dir = None  # set when this file chose the directory, so on_exit may delete it
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    _own_metrics_dir = os.path.join(tempfile.gettempdir(), f"petclf-prometheus-{os.getpid()}")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
-_check_app_settings()  # imports the app package, hence prometheus_client: after the variable is set
+loglevel = _app.log_level
 
 
 def on_starting(server):

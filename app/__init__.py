@@ -9,16 +9,15 @@ from flask import Flask, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.config import ConfigError, Settings, load_settings
-from app.errors import error_response, register_error_handlers
-from app.inference import resolve_device
+from app.errors import coded_response, register_error_handlers
+from app.inference import serving_device
 from app.metrics import Metrics
 from app.openapi import build_spec
 from app.routes import bp
-from app.service import Service
+from app.service import EXTENSION, Service, get_service
 from models.bundle import load_bundle
 
 __all__ = ["ConfigError", "Settings", "create_app", "get_service"]
-EXTENSION = "petclf"
 
 
 def _configure_logging(level: str) -> None:
@@ -45,8 +44,8 @@ def _install_metrics_hooks(app: Flask, metrics: Metrics) -> None:
 def _install_size_limit_handler(app: Flask, settings: Settings) -> None:
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_error):
-        return error_response(
-            413, "payload_too_large", f"the request body exceeds MAX_UPLOAD_MB={settings.max_upload_mb:g} MB"
+        return coded_response(
+            "payload_too_large", f"the request body exceeds MAX_UPLOAD_MB={settings.max_upload_mb:g} MB"
         )
 
 
@@ -56,12 +55,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     _configure_logging(settings.log_level)
     # Fail fast: a bad bundle or an unusable DEVICE/PRECISION stops the worker (and gunicorn) at boot.
     bundle = load_bundle(settings.model_path)
-    device = resolve_device(settings)
+    device = serving_device(settings)
     app = Flask(__name__)
     app.json.sort_keys = False  # keep class order in all_probabilities
-    app.config.from_mapping(
-        MAX_CONTENT_LENGTH=settings.max_upload_bytes, SETTINGS=settings, OPENAPI=build_spec(bundle.version)
-    )
+    app.config.from_mapping(MAX_CONTENT_LENGTH=settings.max_upload_bytes, OPENAPI=build_spec(bundle.version))
     if test_config:
         app.config.from_mapping(test_config)
     metrics = Metrics(bundle.class_names)
@@ -70,10 +67,5 @@ def create_app(test_config: dict | None = None) -> Flask:
     _install_size_limit_handler(app, settings)
     _install_metrics_hooks(app, metrics)
     app.register_blueprint(bp)
-    app.extensions[EXTENSION].start()
+    get_service(app).start()
     return app
-
-
-def get_service(app: Flask) -> Service:
-    """The Service of an app built by create_app (gunicorn hooks and tests use it)."""
-    return app.extensions[EXTENSION]

@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
+from models.bundle import DEFAULT_BUNDLE_PATH
 from models.images import DEFAULT_MAX_PIXELS
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -18,21 +19,11 @@ class ConfigError(ValueError):
     """A setting has a bad value; the message names the variable and what is valid."""
 
 
-def default_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
-    """CPU cores divided among the gunicorn workers, so workers do not oversubscribe the cores."""
-    try:
-        workers = max(1, int(environ.get("WEB_CONCURRENCY", "1")))
-    except ValueError:
-        workers = 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // workers)
-
-
 @dataclass(frozen=True)
 class Settings:
     """Typed settings; field names are the environment variable names in lower case."""
 
-    model_path: str = "models/pet_classifier.pt"
+    model_path: str = DEFAULT_BUNDLE_PATH
     device: str = "auto"
     precision: str = "fp32"
     max_batch_size: int = 16
@@ -105,6 +96,61 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
 }
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """gunicorn's settings (gunicorn.conf.py reads them); field names are the variable names in lower case."""
+
+    port: int = 5000
+    bind: str = ""  # empty = 0.0.0.0:PORT
+    web_concurrency: int = 1
+    threads: int = 16
+    timeout: int = 120
+    graceful_timeout: int = 30
+    keepalive: int = 5
+
+    @property
+    def address(self) -> str:
+        """Where gunicorn listens: BIND, else all interfaces on PORT."""
+        return self.bind or f"0.0.0.0:{self.port}"
+
+
+SERVER_PARSERS: dict[str, Callable[[str, object], object]] = {
+    "port": _number(int, 1, 65535),
+    "bind": lambda _name, raw: str(raw).strip(),
+    "web_concurrency": _number(int, 1, 1024),
+    "threads": _number(int, 1, 10_000),
+    "timeout": _number(int, 1, 86_400),
+    "graceful_timeout": _number(int, 1, 86_400),
+    "keepalive": _number(int, 0, 3600),
+}
+
+
+def _layered(cls: type, parsers: Mapping, environ: Mapping[str, str], overrides: Mapping[str, object] | None) -> dict:
+    """Parsed values of `cls`'s fields from environ, then overrides (keys are upper-case names); unset ones absent."""
+    layered = {**{k: v for k, v in environ.items() if k.lower() in parsers}, **dict(overrides or {})}
+    values = {}
+    for field in fields(cls):
+        name = field.name.upper()
+        if name in layered and layered[name] not in ("", None):
+            values[field.name] = parsers[field.name](name, layered[name])
+    return values
+
+
+def load_server_settings(environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """gunicorn's settings from `environ` (default os.environ); ConfigError names a bad variable."""
+    return ServerSettings(**_layered(ServerSettings, SERVER_PARSERS, os.environ if environ is None else environ, None))
+
+
+def default_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
+    """CPU cores divided among the gunicorn workers, so workers do not oversubscribe the cores."""
+    try:
+        workers = load_server_settings(environ).web_concurrency
+    except ConfigError:
+        workers = 1  # reported by gunicorn.conf.py, which reads the same variable
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
 def _check_combination(settings: Settings) -> None:
     if settings.precision != "fp32" and settings.device == "cpu":
         raise ConfigError(
@@ -115,12 +161,7 @@ def _check_combination(settings: Settings) -> None:
 def load_settings(environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None) -> Settings:
     """Defaults, then `environ` (default os.environ), then `overrides`; keys are the upper-case variable names."""
     environ = os.environ if environ is None else environ
-    layered = {**{k: v for k, v in environ.items() if k.lower() in PARSERS}, **dict(overrides or {})}
-    values = {}
-    for field in fields(Settings):
-        name = field.name.upper()
-        if name in layered and layered[name] not in ("", None):
-            values[field.name] = PARSERS[field.name](name, layered[name])
+    values = _layered(Settings, PARSERS, environ, overrides)
     if "torch_threads" not in values:
         values["torch_threads"] = default_torch_threads(environ)
     settings = Settings(**values)

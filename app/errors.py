@@ -13,6 +13,25 @@ from models.images import ImageError
 
 log = logging.getLogger(__name__)
 _error_schema = ErrorSchema()
+# Stable error code -> HTTP status: the one place where the service's failures meet HTTP.
+STATUS = {
+    "missing_image": 400,
+    "empty_image": 400,
+    "invalid_image": 400,
+    "invalid_base64": 400,
+    "invalid_json": 400,
+    "invalid_parameters": 400,
+    "too_many_files": 400,
+    "payload_too_large": 413,
+    "image_too_large": 413,
+    "unsupported_media_type": 415,
+    "unsupported_format": 415,
+    "internal_error": 500,
+    "not_ready": 503,
+    "queue_full": 503,
+    "timeout": 504,
+}
+RETRY_AFTER_S = 1  # for 503s: the condition (warm-up, a full queue) passes within about a second
 HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -23,39 +42,45 @@ HTTP_CODES = {
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status, stable code, human message, optional headers and field messages."""
+    """A refusal with a stable `code` (a key of STATUS), a human message and optional per-field messages."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, fields: dict | None = None):
+    def __init__(self, code: str, message: str, fields: dict | None = None):
+        if code not in STATUS:
+            raise ValueError(f"unknown error code {code!r}; known: {sorted(STATUS)}")
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
-        self.headers = headers or {}
         self.fields = fields
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None, fields: dict | None = None):
-    """The JSON error response."""
+def error_response(status: int, code: str, message: str, fields: dict | None = None):
+    """The JSON error response; 503s carry Retry-After."""
     body = {"code": code, "message": message}
     if fields:
         body["fields_"] = fields
     response = jsonify(_error_schema.dump({"error": body}))
     response.status_code = status
-    response.headers.update(headers or {})
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
     g.error_code = code  # read by the metrics hook, which counts rejections by code
     return response
 
 
+def coded_response(code: str, message: str, fields: dict | None = None):
+    """The JSON error response for a stable error code."""
+    return error_response(STATUS[code], code, message, fields)
+
+
 def _api_error(error: ApiError):
-    return error_response(error.status, error.code, error.message, error.headers, error.fields)
+    return coded_response(error.code, error.message, error.fields)
 
 
 def _image_error(error: ImageError):
-    return error_response(error.status, error.code, str(error))
+    return coded_response(error.code, str(error))
 
 
 def _validation_error(error: ValidationError):
-    return error_response(400, "invalid_parameters", "invalid query parameters or body", fields=error.messages)
+    return coded_response("invalid_parameters", "invalid query parameters or body", fields=error.messages)
 
 
 def _http_error(error: HTTPException):
@@ -65,7 +90,7 @@ def _http_error(error: HTTPException):
 
 def _unexpected(error: Exception):
     log.exception("unhandled error")
-    return error_response(500, "internal_error", "internal server error")
+    return coded_response("internal_error", "internal server error")
 
 
 def register_error_handlers(app: Flask) -> None:

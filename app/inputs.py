@@ -18,13 +18,13 @@ _base64_schema = Base64ImageSchema()
 def _missing(request: Request) -> ApiError:
     others = sorted(set(request.files) | set(request.form))
     if others:
-        return ApiError(400, "missing_image", f"no multipart field '{FIELD}'; got fields {others}")
-    return ApiError(400, "missing_image", f"no image sent; send {ACCEPTED}")
+        return ApiError("missing_image", f"no multipart field '{FIELD}'; got fields {others}")
+    return ApiError("missing_image", f"no image sent; send {ACCEPTED}")
 
 
 def _checked(data: bytes, what: str) -> bytes:
     if not data:
-        raise ApiError(400, "empty_image", f"{what} is empty (0 bytes)")
+        raise ApiError("empty_image", f"{what} is empty (0 bytes)")
     return data
 
 
@@ -32,7 +32,7 @@ def _multipart(request: Request) -> list[bytes]:
     uploads = request.files.getlist(FIELD)
     if not uploads:
         if FIELD in request.form:
-            raise ApiError(400, "missing_image", f"field '{FIELD}' must be a file upload (curl -F image=@file.jpg)")
+            raise ApiError("missing_image", f"field '{FIELD}' must be a file upload (curl -F image=@file.jpg)")
         raise _missing(request)
     return [_checked(upload.read(), f"upload {index} ({upload.filename!r})") for index, upload in enumerate(uploads)]
 
@@ -43,15 +43,15 @@ def _decode_base64(text: str) -> bytes:
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as error:
-        raise ApiError(400, "invalid_base64", f"field '{FIELD}' is not valid base64: {error}") from error
+        raise ApiError("invalid_base64", f"field '{FIELD}' is not valid base64: {error}") from error
 
 
 def _json(request: Request) -> bytes:
     payload = request.get_json(silent=True)
     if payload is None:
-        raise ApiError(400, "invalid_json", "the body is not valid JSON")
+        raise ApiError("invalid_json", "the body is not valid JSON")
     if not isinstance(payload, dict):
-        raise ApiError(400, "invalid_json", 'the JSON body must be an object like {"image": "<base64>"}')
+        raise ApiError("invalid_json", 'the JSON body must be an object like {"image": "<base64>"}')
     data = _base64_schema.load(payload, unknown="exclude")
     return _checked(_decode_base64(data[FIELD]), f"field '{FIELD}'")
 
@@ -62,7 +62,7 @@ def single_image(request: Request) -> bytes:
     if mimetype == "multipart/form-data":
         images = _multipart(request)
         if len(images) > 1:
-            raise ApiError(400, "too_many_files", f"/predict takes one '{FIELD}' field; use /predict/batch for more")
+            raise ApiError("too_many_files", f"/predict takes one '{FIELD}' field; use /predict/batch for more")
         return images[0]
     if mimetype.startswith("image/"):
         return _checked(request.get_data(cache=False), "the request body")
@@ -70,9 +70,7 @@ def single_image(request: Request) -> bytes:
         return _json(request)
     if not mimetype and not request.content_length:
         raise _missing(request)
-    raise ApiError(
-        415, "unsupported_media_type", f"content type {mimetype or 'none'!r} is not accepted; send {ACCEPTED}"
-    )
+    raise ApiError("unsupported_media_type", f"content type {mimetype or 'none'!r} is not accepted; send {ACCEPTED}")
 
 
 def batch_images(request: Request, max_files: int) -> list[bytes]:
@@ -81,10 +79,10 @@ def batch_images(request: Request, max_files: int) -> list[bytes]:
         if not request.mimetype and not request.content_length:
             raise _missing(request)
         raise ApiError(
-            415, "unsupported_media_type", f"/predict/batch takes multipart/form-data with repeated '{FIELD}' fields"
+            "unsupported_media_type", f"/predict/batch takes multipart/form-data with repeated '{FIELD}' fields"
         )
     # Count before reading any file, so an oversized request costs no decoding.
     count = len(request.files.getlist(FIELD))
     if count > max_files:
-        raise ApiError(400, "too_many_files", f"{count} images sent; at most MAX_BATCH_FILES={max_files} per request")
+        raise ApiError("too_many_files", f"{count} images sent; at most MAX_BATCH_FILES={max_files} per request")
     return _multipart(request)

@@ -8,6 +8,7 @@ import threading
 import time
 
 import torch
+from flask import Flask
 
 from app.batching import BatcherStopped, DeadlineExceeded, MicroBatcher, QueueFull
 from app.config import Settings
@@ -16,9 +17,15 @@ from app.inference import Classifier, build_classifier
 from app.metrics import Metrics
 from app.schemas import PredictQuerySchema
 from models.bundle import Bundle
+from models.images import ImageError
 
 log = logging.getLogger(__name__)
-RETRY_AFTER = {"Retry-After": "1"}
+EXTENSION = "petclf"  # the Service's key in app.extensions
+
+
+def get_service(app: Flask) -> Service:
+    """The Service of an app built by create_app (routes, gunicorn hooks and tests use it)."""
+    return app.extensions[EXTENSION]
 
 
 class Service:
@@ -94,15 +101,37 @@ class Service:
         if self.batcher is not None:
             self.batcher.stop(timeout)
 
-    # Prediction
+    # Prediction: preprocess -> batch -> postprocess -> metrics
 
-    def ready_classifier(self) -> Classifier:
-        """The classifier when predictions can run, else a 503 ApiError."""
+    def predict(self, images: list[bytes], top_k: int, include_probabilities: bool = True) -> list[dict]:
+        """Image bytes -> prediction documents, in order; raises ApiError (not ready, full, timeout) or ImageError."""
+        classifier, batcher = self._ready()
+        tensors = self._preprocess(classifier, images)
+        results = [
+            classifier.postprocess(probs, top_k, include_probabilities) for probs in self._compute(batcher, tensors)
+        ]
+        for result in results:
+            self.metrics.predicted(result["predicted_class"])
+        return results
+
+    def _ready(self) -> tuple[Classifier, MicroBatcher]:
         # A draining worker still predicts: requests already on their way must be answered.
-        batcher = self.batcher
-        if not self.warmed.is_set() or batcher is None or not batcher.alive:
-            raise ApiError(503, "not_ready", "; ".join(self.reasons()), headers=RETRY_AFTER)
-        return self.classifier
+        classifier, batcher = self.classifier, self.batcher
+        if not self.warmed.is_set() or classifier is None or batcher is None or not batcher.alive:
+            raise ApiError("not_ready", "; ".join(self.reasons()) or "the batcher stopped")
+        return classifier, batcher
+
+    @staticmethod
+    def _preprocess(classifier: Classifier, images: list[bytes]) -> list[torch.Tensor]:
+        if len(images) == 1:
+            return [classifier.preprocess(images[0])]
+        tensors = []
+        for index, data in enumerate(images):
+            try:
+                tensors.append(classifier.preprocess(data))
+            except ImageError as error:
+                raise type(error)(f"image {index}: {error}") from error
+        return tensors
 
     def _submit_all(self, batcher: MicroBatcher, tensors: list[torch.Tensor]) -> list[concurrent.futures.Future]:
         futures = []
@@ -112,23 +141,43 @@ class Service:
         except (QueueFull, BatcherStopped) as error:
             for future in futures:
                 future.cancel()
-            code = "queue_full" if isinstance(error, QueueFull) else "not_ready"
-            raise ApiError(503, code, str(error), headers=RETRY_AFTER) from error
+            raise ApiError("queue_full" if isinstance(error, QueueFull) else "not_ready", str(error)) from error
         return futures
 
-    def predict(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _compute(self, batcher: MicroBatcher, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Probabilities for each tensor, computed by the batcher within REQUEST_TIMEOUT_S."""
-        self.ready_classifier()
-        futures = self._submit_all(self.batcher, tensors)
+        futures = self._submit_all(batcher, tensors)
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:
             return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except (concurrent.futures.TimeoutError, DeadlineExceeded) as error:
-            raise ApiError(
-                504, "timeout", f"no result within REQUEST_TIMEOUT_S={self.settings.request_timeout_s}s"
-            ) from error
+            limit = self.settings.request_timeout_s
+            raise ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={limit}s") from error
         except BatcherStopped as error:
-            raise ApiError(503, "not_ready", str(error), headers=RETRY_AFTER) from error
+            raise ApiError("not_ready", str(error)) from error
         finally:
             for future in futures:
                 future.cancel()  # no-op for finished ones; queued ones are skipped, not computed
+
+    def model_info(self) -> dict:
+        """The served model and the serving settings (GET /model)."""
+        settings, bundle = self.settings, self.bundle
+        return {
+            "version": bundle.version,
+            "arch": bundle.arch,
+            "head": bundle.head,
+            "class_names": bundle.class_names,
+            "num_classes": len(bundle.class_names),
+            "preprocess": bundle.preprocess,
+            "metrics": bundle.metrics,
+            "device": str(self.device),
+            "precision": settings.precision,
+            "ready": not self.reasons(),
+            "batching": {
+                "max_batch_size": settings.max_batch_size,
+                "max_batch_wait_ms": settings.max_batch_wait_ms,
+                "max_queue": settings.max_queue,
+                "request_timeout_s": settings.request_timeout_s,
+                "max_batch_files": settings.max_batch_files,
+            },
+        }

@@ -14,6 +14,7 @@ import torch
 from models.pet_classifier import HeadConfig, PetClassifier
 from models.transforms import validate_preprocess
 
+DEFAULT_BUNDLE_PATH = "models/pet_classifier.pt"  # where training writes and serving looks by default
 FORMAT_NAME = "pet-classifier-bundle"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "arch", "head", "class_names", "preprocess", "state_dict", "content_hash")

@@ -19,10 +19,9 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class ImageError(ValueError):
-    """An input that is not a usable image; `code` and `status` map it to an HTTP error."""
+    """An input that is not a usable image; `code` says which kind (the service maps it to a status)."""
 
     code = "invalid_image"
-    status = 400
 
 
 class InvalidImage(ImageError):
@@ -33,14 +32,12 @@ class ImageTooLarge(ImageError):
     """More pixels than allowed (a decompression bomb, or simply too large)."""
 
     code = "image_too_large"
-    status = 413
 
 
 class UnsupportedImageFormat(ImageError):
     """A real image, but in a format the service does not accept."""
 
     code = "unsupported_format"
-    status = 415
 
 
 def _identify(data: bytes) -> str | None:

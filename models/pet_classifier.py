@@ -95,7 +95,7 @@ def _offline_message(arch: str, url: str, error: Exception) -> str:
         f"could not fetch ImageNet weights for {arch} from {url}: {error}. "
         f"Without internet access, pre-seed the torch cache by copying {os.path.basename(url)} to "
         f"{_cache_path(url)} (or set TORCH_HOME), or pass the path of a local state-dict file "
-        f"as the weights (e.g. --weights /path/to/{os.path.basename(url)}), or use weights 'none'."
+        f"as the weights (e.g. `weights` /path/to/{os.path.basename(url)}), or use weights 'none'."
     )
 
 

@@ -2,12 +2,11 @@
 
 import argparse
 
-import _path  # noqa: F401  (repository root on sys.path)
-
-from models.demo_data import CLASSES, make_demo_data
+from models.training.demo_data import CLASSES, make_demo_data
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (ImageFolder layout)")
     parser.add_argument("--per-class", type=int, default=40, help="training images per class")
@@ -18,10 +17,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse, write the files."""
+    args = get_args_parser().parse_args(argv)
     out = make_demo_data(args.out, per_class=args.per_class, val_per_class=args.val_per_class, seed=args.seed)
     print(f"wrote demo data for classes {list(CLASSES)} to {out}")
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from models.bundle import save_bundle
-from models.demo_data import CLASSES, make_demo_data
 from models.pet_classifier import PetClassifier
+from models.training.demo_data import CLASSES, make_demo_data
 from models.transforms import default_preprocess
 
 # Fixtures owned by the service and training test suites.

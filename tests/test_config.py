@@ -11,7 +11,7 @@ import torch
 
 from app import create_app
 from app.config import ConfigError, Settings, default_torch_threads, load_settings
-from app.inference import resolve_device
+from app.inference import serving_device
 from tests.fixtures.server import REPO_ROOT
 
 
@@ -82,12 +82,12 @@ def test_half_precision_needs_cuda(precision):
 )
 def test_device_resolution_refuses_what_the_machine_lacks(env, match):
     with pytest.raises(ConfigError, match=match):
-        resolve_device(load_settings(env))
+        serving_device(load_settings(env))
 
 
 def test_auto_device():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device(load_settings({"DEVICE": "auto"})).type == expected
+    assert serving_device(load_settings({"DEVICE": "auto"})).type == expected
 
 
 def _check_config(env: dict) -> subprocess.CompletedProcess:

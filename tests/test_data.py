@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models.data import (
+from models.training.data import (
     DataError,
     ShardSampler,
     balanced_class_weights,
@@ -58,7 +58,7 @@ def test_overlap_is_refused_unless_allowed(tmp_path, demo_data):
     root = copy_tree(demo_data, tmp_path / "data")
     leaked = root / "val" / "circle" / "leaked.jpg"
     shutil.copy(root / "train" / "circle" / "circle_0003.jpg", leaked)
-    with pytest.raises(DataError, match="allow-overlap") as error:
+    with pytest.raises(DataError, match="`allow_overlap`") as error:
         clean(discover(root))
     assert "circle_0003.jpg" in str(error.value)
     assert "leaked.jpg" in str(error.value)

@@ -9,7 +9,7 @@ import sys
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from models.demo_data import CLASSES, make_demo_data
+from models.training.demo_data import CLASSES, make_demo_data
 
 
 def _digests(root):

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from models.data import ImageList, discover, make_loader
-from models.engine import Runtime, evaluate, make_scaler, resolve_amp, train_one_epoch
 from models.pet_classifier import PetClassifier
-from models.strategies import LRSchedule, build_optimizer
+from models.runtime import Runtime, resolve_amp
+from models.training.data import ImageList, discover, make_loader
+from models.training.engine import evaluate, make_scaler, train_one_epoch
+from models.training.strategies import LRSchedule, build_optimizer
 from models.transforms import default_preprocess, eval_transform
 
 CPU = Runtime(torch.device("cpu"))

@@ -1,23 +1,23 @@
-"""scripts/evaluate.py: the report agrees with training's own validation, and its files are written."""
+"""Offline evaluation: the report agrees with training's own validation, its files are written, the CLI runs it."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-import evaluate
 import pytest
 
 from models.bundle import load_bundle
+from models.training.evaluation import evaluate_bundle
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 
 def test_evaluate_writes_report_and_confusion_png(tmp_path, trained_bundle_path, training_data, class_names):
     out = tmp_path / "report"
-    args = evaluate.get_args_parser().parse_args(
-        ["--model", str(trained_bundle_path), "--data-dir", str(training_data), "--out", str(out), "--workers", "0"]
-    )
-    report = evaluate.main(args)
+    report = evaluate_bundle(trained_bundle_path, training_data, out, workers=0)
     saved = json.loads((out / "report.json").read_text())
     assert saved["accuracy"] == pytest.approx(report["accuracy"])
     assert saved["data_dir"].endswith("val") and saved["images"] == 60
@@ -26,3 +26,17 @@ def test_evaluate_writes_report_and_confusion_png(tmp_path, trained_bundle_path,
     assert (out / "confusion.png").read_bytes().startswith(b"\x89PNG")
     # Same images, same transform and decoder as training's validation: the same accuracy.
     assert report["accuracy"] == pytest.approx(load_bundle(trained_bundle_path).metrics["best_val_acc"])
+
+
+def test_the_script_prints_the_summary(tmp_path, tiny_bundle_path, demo_data):
+    argv = ["--model", str(tiny_bundle_path), "--data-dir", str(demo_data), "--out", str(tmp_path), "--workers", "0"]
+    result = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "12 images, accuracy" in result.stdout and "report.json" in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", *argv, "--device", "cuda:7"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "error: --device cuda:7" in bad.stderr and "Traceback" not in bad.stderr

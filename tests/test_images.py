@@ -92,13 +92,13 @@ def test_bad_bytes_are_refused(data, error, message):
 def test_truncated_jpeg_is_refused(cat_jpeg):
     with pytest.raises(InvalidImage, match="truncated or corrupt") as info:
         decode_image(cat_jpeg[: len(cat_jpeg) // 2])
-    assert info.value.status == 400
+    assert info.value.code == "invalid_image"  # app.errors maps it to 400
 
 
 def test_too_many_pixels_is_refused_before_decoding(cat_jpeg):
     with pytest.raises(ImageTooLarge, match="451x300 = 135300 pixels; the limit is 100000") as info:
         decode_image(cat_jpeg, max_pixels=100_000)
-    assert info.value.status == 413
+    assert info.value.code == "image_too_large"  # app.errors maps it to 413
 
 
 def test_decompression_bomb_is_refused_quickly():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models.pet_classifier import PetClassifier
-from models.reporting import sibling
-from models.strategies import LRSchedule, build_optimizer, carry_state, parse_lr_mults, trainable_at
+from models.training.reporting import sibling
+from models.training.strategies import LRSchedule, build_optimizer, carry_state, parse_lr_mults, trainable_at
 from tests.fixtures.training import run_train
 
 GROUPS = ("head", "layer4", "layer3", "rest")
@@ -98,6 +98,6 @@ def test_step_and_plateau_schedules():
 
 def test_gradual_unfreeze_in_a_real_run(tmp_path, demo_data):
     output = tmp_path / "gradual.pt"
-    run_train(demo_data, output, "--strategy", "gradual-unfreeze", "--unfreeze-every", "1", "--epochs", "2")
+    run_train(demo_data, output, strategy="gradual-unfreeze", unfreeze_every=1, epochs=2)
     epochs = json.loads(sibling(output, ".history.json").read_text())["epochs"]
     assert [row["trainable"] for row in epochs] == [["head"], ["head", "layer4"]]

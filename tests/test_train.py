@@ -1,4 +1,4 @@
-"""scripts/train.py end to end on the CPU: learning, bundle, reports, resume, hygiene, options, torchrun."""
+"""The trainer end to end on the CPU (learning, bundle, reports, resume, hygiene, options) and its CLI."""
 
 from __future__ import annotations
 
@@ -9,18 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import evaluate
 import pytest
 import torch
-import train
 
 from models.bundle import load_model
-from models.data import DataError
 from models.images import load_image
-from models.reporting import sibling
+from models.training.config import SettingError, TrainConfig, flag_message
+from models.training.data import DataError
+from models.training.evaluation import evaluate_bundle
+from models.training.reporting import sibling
 from models.transforms import eval_transform
 from tests.conftest import REPO_ROOT
-from tests.fixtures.training import run_train, train_argv
+from tests.fixtures.training import run_train, train_config
+
+TRAIN_SCRIPT = str(REPO_ROOT / "scripts" / "train.py")
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +70,8 @@ def test_history_curves_and_checkpoint_are_written(trained_bundle_path):
 
 def test_resume_continues_from_the_saved_epoch(tmp_path, demo_data, capsys):
     output = tmp_path / "model.pt"
-    run_train(demo_data, output, "--epochs", "1")
-    summary = run_train(demo_data, output, "--epochs", "2", "--resume", str(sibling(output, ".ckpt")))
+    run_train(demo_data, output, epochs=1)
+    summary = run_train(demo_data, output, epochs=2, resume=str(sibling(output, ".ckpt")))
     assert "resumed from" in capsys.readouterr().out
     assert [row["epoch"] for row in summary["history"]] == [0, 1]
     ckpt = torch.load(sibling(output, ".ckpt"), map_location="cpu", weights_only=True)
@@ -84,36 +86,70 @@ def test_overlap_refused_allowed_and_unreadable_skipped(tmp_path, demo_data):
     with pytest.raises(DataError, match="square_0001.jpg"):
         run_train(data, output)
     assert not output.exists()
-    run_train(data, output, "--allow-overlap")
+    run_train(data, output, allow_overlap=True)
     skipped = json.loads(sibling(output, ".history.json").read_text())["skipped_images"]
     assert [Path(item["path"]).name for item in skipped] == ["broken.jpg"]
     assert load_model(output)[1].training["skipped_images"] == skipped
 
 
 def test_other_options_run(tmp_path, demo_data):
-    options = ["--opt", "sgd", "--lr-scheduler", "step", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]
-    options += ["--class-weights", "balanced", "--balanced-sampler", "--strategy", "feature-extraction"]
-    summary = run_train(demo_data, tmp_path / "model.pt", *options, "--amp", "bf16", "--label-smoothing", "0.1")
+    options = {"opt": "sgd", "lr_scheduler": "step", "mixup_alpha": 0.2, "cutmix_alpha": 1.0}
+    options |= {"class_weights": "balanced", "balanced_sampler": True, "strategy": "feature-extraction"}
+    summary = run_train(demo_data, tmp_path / "model.pt", **options, amp="bf16", label_smoothing=0.1)
     assert summary["history"][0]["trainable"] == ["head"]
     assert 0.0 <= summary["best_val_acc"] <= 1.0
 
 
+def run_script(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """scripts/train.py in a fresh interpreter, as a user runs it."""
+    command = [sys.executable, TRAIN_SCRIPT, *argv]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def test_demo_preset_yields_to_explicit_flags():
-    args = train.parse_args(["--demo", "--data-dir", "d", "--epochs", "3"])
-    assert (args.arch, args.image_size, args.weights, args.epochs) == ("resnet18", 64, "auto", 3)
-    assert train.parse_args(["--data-dir", "d"]).arch == "resnet50"
-    assert "(default: resnet50)" in train.get_args_parser().format_help()
+    assert TrainConfig.demo(epochs=3).arch == "resnet18"
+    demo = json.loads(run_script("--demo", "--data-dir", "d", "--epochs", "3", "--print-config").stdout)
+    assert (demo["arch"], demo["image_size"], demo["weights"], demo["epochs"]) == ("resnet18", 64, "auto", 3)
+    plain = json.loads(run_script("--data-dir", "d", "--print-config").stdout)
+    assert plain == {**TrainConfig().to_dict(), "data_dir": "d"}
+    assert "(default: resnet50)" in run_script("--help").stdout
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"val_split": 0.0}, "`val_split` must be in (0, 1), got 0.0"),
+        ({"unfreeze_every": 0}, "`unfreeze_every` must be >= 1, got 0"),
+        ({"amp": "fp8"}, "`amp` 'fp8' is invalid; valid choices: auto, bf16, fp16, none"),
+    ],
+)
+def test_library_errors_name_the_setting_and_the_cli_names_the_flag(tmp_path, settings, message):
+    with pytest.raises(SettingError) as info:
+        train_config(tmp_path, tmp_path / "m.pt", **settings)
+    assert message in str(info.value)
+    assert flag_message(message).startswith("--" + next(iter(settings)).replace("_", "-"))
+
+
+def test_cli_errors_name_flags_without_a_traceback(tmp_path, demo_data):
+    result = run_script("--data-dir", str(demo_data), "--val-split", "1.5")
+    assert result.returncode != 0
+    assert "error: --val-split must be in (0, 1), got 1.5" in result.stderr and "Traceback" not in result.stderr
+    data = Path(shutil.copytree(demo_data, tmp_path / "data"))
+    shutil.copy(data / "train" / "square" / "square_0001.jpg", data / "val" / "square" / "copy.jpg")
+    result = run_script("--data-dir", str(data), "--output", str(tmp_path / "m.pt"), "--weights", "none")
+    assert result.returncode != 0 and "pass --allow-overlap" not in result.stderr
+    assert "or set --allow-overlap to train anyway" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_torchrun_two_processes_write_one_bundle(tmp_path, demo_data):
     out_dir = tmp_path / "out"
     # Gradual unfreezing also exercises re-wrapping DDP when the trainable set grows.
-    argv = train_argv(demo_data, out_dir / "model.pt", "--epochs", "2", "--strategy", "gradual-unfreeze")
-    argv += ["--unfreeze-every", "1"]
+    config = train_config(demo_data, out_dir / "model.pt", epochs=2, strategy="gradual-unfreeze", unfreeze_every=1)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in config.to_dict().items() if v not in (None, False)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [*command, str(REPO_ROOT / "scripts" / "train.py"), *argv],
+        [*command, TRAIN_SCRIPT, *argv],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -132,7 +168,6 @@ def test_torchrun_two_processes_write_one_bundle(tmp_path, demo_data):
     bundle = load_model(out_dir / "model.pt")[1]
     assert bundle.training["world_size"] == 2
     # Validation was sharded over two processes and all-reduced: one process over all images agrees.
-    eval_argv = ["--model", str(out_dir / "model.pt"), "--data-dir", str(demo_data), "--out", str(tmp_path / "eval")]
-    report = evaluate.main(evaluate.get_args_parser().parse_args([*eval_argv, "--workers", "0"]))
+    report = evaluate_bundle(out_dir / "model.pt", demo_data, tmp_path / "eval", workers=0)
     assert report["accuracy"] == pytest.approx(bundle.metrics["val_acc"])
     assert report["loss"] == pytest.approx(bundle.metrics["val_loss"], rel=1e-4)

@@ -79,7 +79,7 @@ def folder_samples(root: Path, class_names: list[str]) -> list[Sample]:
 def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Split every class by `fraction` into (train, val); each class with 2+ images gives at least one to val."""
     if not 0.0 < fraction < 1.0:
-        raise DataError(f"--val-split must be in (0, 1), got {fraction}")
+        raise DataError(f"`val_split` must be in (0, 1), got {fraction}")
     by_class: dict[int, list[Sample]] = {}
     for sample in samples:
         by_class.setdefault(sample[1], []).append(sample)
@@ -117,7 +117,7 @@ def oxford_pets(root: str | Path, download: bool = True) -> DataSplit:
         raise DataError(
             f"cannot get Oxford-IIIT Pet into {root}: {error}. Without internet access, download images.tar.gz "
             f"and annotations.tar.gz from {OXFORD_PETS_URL} elsewhere, extract both into "
-            f"{Path(root) / 'oxford-iiit-pet'}, and run again (or use --data-dir with your own ImageFolder)."
+            f"{Path(root) / 'oxford-iiit-pet'}, and run again (or set `data_dir` to your own ImageFolder)."
         ) from error
     # torchvision keeps the file list in private attributes (stable from 0.12 to at least 0.29).
     samples = {name: [(str(p), int(y)) for p, y in zip(ds._images, ds._labels)] for name, ds in splits.items()}
@@ -167,7 +167,7 @@ def clean(split: DataSplit, allow_overlap: bool = False, workers: int = 4) -> Da
         more = f"\n  ... and {len(pairs) - MAX_LISTED_PAIRS} more" if len(pairs) > MAX_LISTED_PAIRS else ""
         raise DataError(
             f"{len(pairs)} validation image(s) are byte-identical to training images, which inflates validation "
-            f"scores:\n{listed}{more}\nRemove the duplicates, or pass --allow-overlap to train anyway."
+            f"scores:\n{listed}{more}\nRemove the duplicates, or set `allow_overlap` to train anyway."
         )
     skipped = split.skipped + skipped_train + skipped_val
     for split_name, samples in (("train", train), ("val", val)):
@@ -216,7 +216,7 @@ def train_sampler(samples: list[Sample], num_classes: int, balanced: bool, rank:
     """A shuffling sampler: class-balanced with replacement, distributed, or None (the loader shuffles)."""
     if balanced:
         if world_size > 1:
-            raise DataError("--balanced-sampler is single-process only; use --class-weights balanced with torchrun")
+            raise DataError("`balanced_sampler` is single-process only; use `class_weights` balanced with torchrun")
         per_class = balanced_class_weights(samples, num_classes)
         weights = per_class[torch.tensor([label for _, label in samples])].double()
         generator = torch.Generator().manual_seed(seed)

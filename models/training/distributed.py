@@ -1,4 +1,4 @@
-"""Device choice and torchrun-driven distributed set-up; a single process when launched without torchrun."""
+"""torchrun-driven distributed set-up; a single process when launched without torchrun."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from models.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -27,22 +29,6 @@ class DistContext:
     def distributed(self) -> bool:
         """True when launched by torchrun with more than one process."""
         return self.world_size > 1
-
-
-def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda (this process's GPU) when available, else mps, else cpu; anything else as given."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {spec} requested but CUDA is not available (use --device cpu or auto)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return device
 
 
 def init_distributed(device_spec: str = "auto") -> DistContext:

@@ -24,7 +24,7 @@ def trainable_at(strategy: str, groups: tuple[str, ...], epoch: int, unfreeze_ev
         return list(groups)
     if strategy == "gradual-unfreeze":
         if unfreeze_every < 1:
-            raise ValueError(f"--unfreeze-every must be >= 1, got {unfreeze_every}")
+            raise ValueError(f"`unfreeze_every` must be >= 1, got {unfreeze_every}")
         return list(groups[: 1 + epoch // unfreeze_every])
     raise ValueError(f"unknown strategy {strategy!r}; valid choices: {', '.join(STRATEGIES)}")
 
@@ -39,7 +39,7 @@ def parse_lr_mults(text: str | None, model: PetClassifier, pretrained: bool) -> 
     for item in text.split(","):
         name, sep, value = item.partition("=")
         if not sep or name.strip() not in mults:
-            raise ValueError(f"bad --lr-mults item {item!r}: use GROUP=FLOAT with GROUP in {list(model.group_names())}")
+            raise ValueError(f"bad `lr_mults` item {item!r}: use GROUP=FLOAT with GROUP in {list(model.group_names())}")
         mults[name.strip()] = float(value)
     return mults
 

@@ -1,0 +1,94 @@
+"""The training and evaluation loops, shared by the trainer, evaluation and offline prediction."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.runtime import Runtime
+from models.training.distributed import all_reduce_sum
+
+
+def make_scaler(runtime: Runtime) -> torch.amp.GradScaler:
+    """A GradScaler, enabled only for fp16 (bf16 has float32's range)."""
+    return torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp == "fp16")
+
+
+def progress_enabled(is_main: bool) -> bool:
+    """Progress bars only on the main process and only on a terminal."""
+    return is_main and sys.stderr.isatty()
+
+
+def bar(iterable, desc: str, enabled: bool):
+    """A tqdm bar when enabled; the bare iterable otherwise."""
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=not enabled)
+
+
+def _hard_labels(targets: torch.Tensor) -> torch.Tensor:
+    return targets.argmax(dim=1) if targets.ndim == 2 else targets
+
+
+def train_one_epoch(
+    model, loader, criterion, optimizer, scaler, runtime: Runtime, schedule, epoch: int, mix=None, progress=False
+):
+    """One pass over `loader`; returns loss, acc, images and images/s summed over all processes."""
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss sum, correct, images
+    runtime.synchronize()
+    start = time.perf_counter()
+    for step, (images, labels) in enumerate(bar(loader, f"epoch {epoch} train", progress)):
+        schedule.apply(optimizer, epoch, step)
+        images, labels = runtime.to_device(images, labels)
+        targets = labels
+        if mix is not None:
+            images, targets = mix(images, labels)
+        with runtime.autocast():
+            logits = model(images)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        correct = (logits.argmax(dim=1) == _hard_labels(targets)).sum()
+        totals += torch.stack([loss.detach().double() * len(labels), correct.double(), totals.new_tensor(len(labels))])
+    runtime.synchronize()
+    seconds = time.perf_counter() - start
+    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    count = max(count, 1.0)
+    return {"loss": loss_sum / count, "acc": correct / count, "images": int(count), "images_per_s": count / seconds}
+
+
+@torch.inference_mode()
+def evaluate(
+    model, loader, criterion, runtime: Runtime, num_classes: int, desc: str = "eval", progress: bool = False
+) -> dict:
+    """Loss, accuracy and confusion matrix (rows = true class, columns = predicted) over all processes."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss sum, images
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
+    for images, labels in bar(loader, desc, progress):
+        images, labels = runtime.to_device(images, labels)
+        with runtime.autocast():
+            logits = model(images)
+        totals[0] += criterion(logits.float(), labels).double() * len(labels)
+        totals[1] += len(labels)
+        index = labels * num_classes + logits.argmax(dim=1)
+        confusion += torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    loss_sum, count = all_reduce_sum(totals).tolist()
+    confusion = all_reduce_sum(confusion).cpu()
+    count = max(count, 1.0)
+    return {"loss": loss_sum / count, "acc": confusion.diag().sum().item() / count, "confusion": confusion.tolist()}
+
+
+def predict_probs(model: nn.Module, loader, runtime: Runtime, progress: bool = False) -> tuple[torch.Tensor, list]:
+    """Probabilities (float32, CPU; the serving path) for every batch the loader yields, plus its second items."""
+    model.eval()
+    outputs, extras = [], []
+    for images, extra in bar(loader, "predict", progress):
+        outputs.append(runtime.probabilities(model, images))
+        extras.extend(extra.tolist() if isinstance(extra, torch.Tensor) else extra)
+    return (torch.cat(outputs) if outputs else torch.empty(0)), extras

@@ -1,8 +1,0 @@
-"""Make the repository root importable when a script is run as `python scripts/<name>.py`."""
-
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
