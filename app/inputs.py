@@ -48,7 +48,10 @@ def decode_base64(text: str, what: str = f"field '{FIELD}'") -> bytes:
 
 
 def _json(request: Request) -> bytes:
-    payload = request.get_json(silent=True)
+    try:
+        payload = request.get_json(silent=True)
+    except RecursionError:  # nesting deeper than the parser's recursion limit
+        payload = None
     if payload is None:
         raise ApiError("invalid_json", "the body is not valid JSON")
     if not isinstance(payload, dict):

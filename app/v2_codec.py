@@ -185,8 +185,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview
         body, binary = body[:length], memoryview(body)[length:]
     try:
         document = json.loads(body)
+    except RecursionError as error:
+        raise ApiError("invalid_json", "the inference request's JSON is nested too deeply") from error
     except (UnicodeDecodeError, ValueError) as error:
-        hint = "" if header_length else f" (binary tensor data needs the {HEADER_LENGTH} header)"
+        trailing = isinstance(error, json.JSONDecodeError) and error.msg == "Extra data" and not header_length
+        hint = f" (binary tensor data after the JSON needs the {HEADER_LENGTH} header)" if trailing else ""
         raise ApiError("invalid_json", f"the inference request is not valid JSON{hint}: {error}") from error
     if not isinstance(document, dict):
         raise ApiError("invalid_json", 'the inference request must be a JSON object: {"inputs": [...]}')
@@ -256,20 +259,21 @@ def _tensor_data(tensor: dict, binary: memoryview) -> object:
     return binary
 
 
-def _flat(data: object) -> list:
-    """Row-major elements of flat or nested JSON tensor data."""
-    if not isinstance(data, list):
-        return [data]
-    if not any(isinstance(item, list) for item in data):
-        return data
-    return [element for item in data for element in _flat(item)]
+def _flat(data: object, tensor: dict) -> list:
+    """Row-major elements of flat or nested JSON tensor data (nested at most as deep as the tensor's rank)."""
+    elements = data if isinstance(data, list) else [data]
+    for _ in range(len(tensor["shape"])):  # each pass removes one level of nesting; no recursion
+        if not any(isinstance(element, list) for element in elements):
+            return elements
+        elements = [item for element in elements for item in (element if isinstance(element, list) else [element])]
+    raise _invalid(f"input '{tensor['name']}' data is nested deeper than its shape {tensor['shape']}")
 
 
 def _images(tensor: dict, binary: memoryview, spec: ModelSpec) -> list[bytes]:
     _check_datatype(tensor, "BYTES")
     count = _batch_size(tensor, 1, spec)
     data = _tensor_data(tensor, binary)
-    elements = _unpack_bytes(data) if isinstance(data, memoryview) else _flat(data)
+    elements = _unpack_bytes(data) if isinstance(data, memoryview) else _flat(data, tensor)
     if len(elements) != count:
         raise _invalid(f"input '{IMAGE}' has shape {tensor['shape']} but holds {len(elements)} elements")
     if isinstance(data, memoryview):
@@ -309,7 +313,7 @@ def _pixels(tensor: dict, binary: memoryview, spec: ModelSpec) -> torch.Tensor:
             raise _invalid(f"input '{PIXELS}' of shape {shape} needs {count * 4} bytes of FP32 data, got {len(data)}")
         array = np.frombuffer(data, dtype="<f4").astype(np.float32)  # a writable, native-order copy
     else:
-        array = np.asarray(_flat(data))
+        array = np.asarray(_flat(data, tensor))
         if array.dtype.kind not in "iuf" or array.ndim != 1:
             raise _invalid(f"input '{PIXELS}' data must be numbers")
         if array.size != count:

@@ -188,6 +188,10 @@ def _pixels_tensor(shape, data=None):
 JPEG = (PHOTOS / "chelsea.jpg").read_bytes()
 BAD_REQUESTS = {
     "not json": (b"{nope", {}, 400, "not valid JSON"),
+    "binary data without the header": (b'{"inputs": []}\x00\x01', {}, 400, f"needs the {HEADER} header"),
+    "nested too deeply": (b"[" * 5000 + b"]" * 5000, {}, 400, "nested too deeply"),
+    "data nested deeper than the shape": ({"inputs": [image_input([JPEG], data=[[b64(JPEG)]])]}, {}, 400,
+                                          "nested deeper than its shape [1]"),
     "json array": (b"[1]", {}, 400, "must be a JSON object"),
     "no inputs": ({"id": "x"}, {}, 400, "inputs: Missing data for required field"),
     "id not a string": ({"id": 7, "inputs": [image_input([JPEG])]}, {}, 400, "id: Not a valid string"),
@@ -315,6 +319,11 @@ def test_generated_requests_get_protocol_errors_never_a_crash(client):
             assert set(answer) <= {"error", "id"} and answer["error"]
 
     check()
+
+
+def test_json_nested_too_deeply_is_a_400_on_the_own_api_too(client):
+    response = client.post("/predict", data=b"[" * 5000 + b"]" * 5000, content_type="application/json")
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_json"
 
 
 def test_errors_echo_the_request_id(client):
