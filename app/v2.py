@@ -23,7 +23,7 @@ from app.v2_codec import (
 )
 
 PREFIX = "/v2"
-EXTENSION = "petclf.v2"  # the ModelSpec's key in app.extensions
+EXTENSION = "petclf.v2"  # app.extensions key: the ModelSpec and the metadata answers, made once
 SERVER_NAME = "pet-classifier-service"
 PLATFORM = "pytorch"
 bp = Blueprint("v2", __name__, url_prefix=PREFIX)
@@ -40,16 +40,19 @@ def register(app: Flask) -> None:
     """Add the /v2 routes and their error form to an app whose Service exists."""
     service = get_service(app)
     settings, bundle = service.settings, service.bundle
+    spec = ModelSpec(
+        name=settings.model_name,
+        version=bundle.version,
+        crop=bundle.preprocess["crop"],
+        class_names=tuple(bundle.class_names),
+        max_images=settings.max_batch_files,
+    )
     app.extensions[EXTENSION] = {
-        "spec": ModelSpec(
-            name=settings.model_name,
-            version=bundle.version,
-            crop=bundle.preprocess["crop"],
-            class_names=tuple(bundle.class_names),
-            max_images=settings.max_batch_files,
-        ),
+        "spec": spec,
         "server": {"name": SERVER_NAME, "version": _package_version(), "extensions": list(EXTENSIONS)},
-    }
+        "model": {"name": spec.name, "versions": [spec.version], "platform": PLATFORM, "inputs": spec.inputs,
+                  "outputs": spec.outputs},
+    }  # fmt: skip
     register_error_form(app, PREFIX, _error)
     app.register_blueprint(bp)
 
@@ -112,11 +115,8 @@ def ready():
 @bp.get("/models/<model_name>/versions/<model_version>")
 def model_metadata(model_name: str, model_version: str | None = None):
     """Name, versions, platform and the input and output tensors."""
-    spec = _served(model_name, model_version)
-    return jsonify(
-        {"name": spec.name, "versions": [spec.version], "platform": PLATFORM, "inputs": spec.inputs,
-         "outputs": spec.outputs}
-    )  # fmt: skip
+    _served(model_name, model_version)
+    return jsonify(current_app.extensions[EXTENSION]["model"])
 
 
 @bp.get("/models/<model_name>/ready")
