@@ -15,6 +15,7 @@ from app.metrics import Metrics
 from app.openapi import build_spec
 from app.routes import bp
 from app.service import EXTENSION, Service, get_service
+from app.v2 import register as register_v2
 from models.bundle import load_bundle
 
 __all__ = ["ConfigError", "Settings", "create_app", "get_service"]
@@ -67,5 +68,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     _install_size_limit_handler(app, settings)
     _install_metrics_hooks(app, metrics)
     app.register_blueprint(bp)
+    register_v2(app)  # the Open Inference Protocol under /v2
     get_service(app).start()
     return app

@@ -13,6 +13,8 @@ from models.images import DEFAULT_MAX_PIXELS
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 PRECISIONS = ("fp32", "fp16", "bf16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# A model name must be one URL path segment that Kubernetes, KServe and Triton clients accept unquoted.
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ConfigError(ValueError):
@@ -35,6 +37,7 @@ class Settings:
     max_batch_files: int = 32
     torch_threads: int = 0  # 0 = default_torch_threads()
     log_level: str = "info"
+    model_name: str = "pet-classifier"  # the name the Open Inference Protocol (/v2) serves the model under
 
     @property
     def max_upload_bytes(self) -> int:
@@ -73,6 +76,15 @@ def _device(name: str, raw: object) -> str:
     return value
 
 
+def _model_name(name: str, raw: object) -> str:
+    value = str(raw).strip()
+    if not MODEL_NAME_PATTERN.match(value):
+        raise ConfigError(
+            f"{name}={raw!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
 def _path(name: str, raw: object) -> str:
     value = str(raw).strip()
     if not value:
@@ -93,6 +105,7 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
     "max_batch_files": _number(int, 1, 1024),
     "torch_threads": _number(int, 1, 1024),
     "log_level": _choice(LOG_LEVELS),
+    "model_name": _model_name,
 }
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-from flask import Flask, g, jsonify
+from flask import Flask, Response, current_app, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -21,7 +22,9 @@ STATUS = {
     "invalid_base64": 400,
     "invalid_json": 400,
     "invalid_parameters": 400,
+    "invalid_tensor": 400,
     "too_many_files": 400,
+    "unknown_model": 404,
     "payload_too_large": 413,
     "image_too_large": 413,
     "unsupported_media_type": 415,
@@ -31,6 +34,7 @@ STATUS = {
     "queue_full": 503,
     "timeout": 504,
 }
+ERROR_FORMS = "petclf.error_forms"  # app.extensions key: [(URL prefix, render)] from register_error_form
 RETRY_AFTER_S = 1  # for 503s: the condition (warm-up, a full queue) passes within about a second
 HTTP_CODES = {
     400: "bad_request",
@@ -53,13 +57,29 @@ class ApiError(Exception):
         self.fields = fields
 
 
+def register_error_form(app: Flask, prefix: str, render: Callable[[int, str], Response]) -> None:
+    """Answer errors under URL `prefix` (e.g. a protocol's routes) with `render(status, message)` instead."""
+    app.extensions.setdefault(ERROR_FORMS, []).append((prefix, render))
+
+
+def _error_form(path: str) -> Callable[[int, str], Response] | None:
+    for prefix, render in current_app.extensions.get(ERROR_FORMS, ()):
+        if path == prefix or path.startswith(prefix + "/"):
+            return render
+    return None
+
+
 def error_response(status: int, code: str, message: str, fields: dict | None = None):
-    """The JSON error response; 503s carry Retry-After."""
-    body = {"code": code, "message": message}
-    if fields:
-        body["fields_"] = fields
-    response = jsonify(_error_schema.dump({"error": body}))
-    response.status_code = status
+    """The JSON error response (or the form registered for the request's path); 503s carry Retry-After."""
+    render = _error_form(request.path)
+    if render is not None:
+        response = render(status, f"{message}: {fields}" if fields else message)
+    else:
+        body = {"code": code, "message": message}
+        if fields:
+            body["fields_"] = fields
+        response = jsonify(_error_schema.dump({"error": body}))
+        response.status_code = status
     if status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
     g.error_code = code  # read by the metrics hook, which counts rejections by code

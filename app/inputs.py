@@ -37,23 +37,27 @@ def _multipart(request: Request) -> list[bytes]:
     return [_checked(upload.read(), f"upload {index} ({upload.filename!r})") for index, upload in enumerate(uploads)]
 
 
-def _decode_base64(text: str) -> bytes:
+def decode_base64(text: str, what: str = f"field '{FIELD}'") -> bytes:
+    """Base64 text (whitespace and a `data:` URL prefix allowed) -> bytes; raises ApiError invalid_base64."""
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as error:
-        raise ApiError("invalid_base64", f"field '{FIELD}' is not valid base64: {error}") from error
+        raise ApiError("invalid_base64", f"{what} is not valid base64: {error}") from error
 
 
 def _json(request: Request) -> bytes:
-    payload = request.get_json(silent=True)
+    try:
+        payload = request.get_json(silent=True)
+    except RecursionError:  # nesting deeper than the parser's recursion limit
+        payload = None
     if payload is None:
         raise ApiError("invalid_json", "the body is not valid JSON")
     if not isinstance(payload, dict):
         raise ApiError("invalid_json", 'the JSON body must be an object like {"image": "<base64>"}')
     data = _base64_schema.load(payload, unknown="exclude")
-    return _checked(_decode_base64(data[FIELD]), f"field '{FIELD}'")
+    return _checked(decode_base64(data[FIELD]), f"field '{FIELD}'")
 
 
 def single_image(request: Request) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from app import schemas
+from app import schemas, v2_codec
 
 TITLE = "Pet classifier"
 ERROR = {"content": {"application/json": {"schema": "Error"}}}
@@ -73,4 +73,56 @@ def build_spec(version: str) -> dict:
         "/openapi.json",
         operations={"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
     )
+    _v2_paths(spec)
     return spec.to_dict()
+
+
+_V2_MODEL = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}}
+_V2_VERSION = {"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}
+_V2_BINARY = (
+    "JSON; or, with the binary tensor data extension, the JSON (its length in the Inference-Header-Content-Length "
+    "header) followed by the tensors' bytes"
+)
+
+
+def _v2_responses(schema: str, *statuses: int) -> dict:
+    responses = {"200": {"description": "Success", "content": {"application/json": {"schema": schema}}}}
+    error = {"description": "Protocol error", "content": {"application/json": {"schema": "V2Error"}}}
+    return responses | {str(status): error for status in statuses}
+
+
+def _v2_get(summary: str, schema: str, *statuses: int, parameters: tuple = ()) -> dict:
+    return {"get": {"summary": summary, "parameters": list(parameters), "responses": _v2_responses(schema, *statuses)}}
+
+
+def _v2_infer(parameters: tuple) -> dict:
+    binary = {"application/octet-stream": {"schema": _BINARY}}
+    responses = _v2_responses("V2InferenceResponse", 400, 404, 413, 415, 503, 504)
+    responses["200"]["content"] |= binary
+    body = {"application/json": {"schema": "V2InferenceRequest"}, **binary}
+    operation = {
+        "summary": "Inference on encoded images (BYTES input 'image') or preprocessed pixels (FP32 input 'pixels')",
+        "parameters": list(parameters),
+        "requestBody": {"required": True, "description": _V2_BINARY, "content": body},
+        "responses": responses,
+    }
+    return {"post": operation}
+
+
+def _v2_paths(spec: APISpec) -> None:
+    """The Open Inference Protocol v2 routes (app/v2.py), their JSON described by app/v2_codec.py's schemas."""
+    names = ("ServerMetadata", "Live", "Ready", "ModelMetadata", "ModelReady", "Error", "InferenceRequest")
+    for name in (*names, "InferenceResponse"):
+        spec.components.schema(f"V2{name}", schema=getattr(v2_codec, f"V2{name}Schema"))
+    spec.path("/v2", operations=_v2_get("Server metadata", "V2ServerMetadata"))
+    spec.path("/v2/health/live", operations=_v2_get("Server live", "V2Live"))
+    spec.path("/v2/health/ready", operations=_v2_get("Server ready", "V2Ready", 503))
+    model = "/v2/models/{model_name}"
+    for prefix, parameters in (
+        (model, (_V2_MODEL,)),
+        (f"{model}/versions/{{model_version}}", (_V2_MODEL, _V2_VERSION)),
+    ):
+        spec.path(prefix, operations=_v2_get("Model metadata", "V2ModelMetadata", 404, parameters=parameters))
+        ready = _v2_get("Model ready", "V2ModelReady", 404, 503, parameters=parameters)
+        spec.path(f"{prefix}/ready", operations=ready)
+        spec.path(f"{prefix}/infer", operations=_v2_infer(parameters))

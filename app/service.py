@@ -105,14 +105,39 @@ class Service:
 
     def predict(self, images: list[bytes], top_k: int, include_probabilities: bool = True) -> list[dict]:
         """Image bytes -> prediction documents, in order; raises ApiError (not ready, full, timeout) or ImageError."""
+        rows = self.probabilities(images)
+        return [self.classifier.postprocess(probs, top_k, include_probabilities) for probs in rows]
+
+    def probabilities(self, images: list[bytes]) -> torch.Tensor:
+        """Image bytes -> (N, classes) probabilities in order, counted as predictions; raises ApiError or ImageError."""
         classifier, batcher = self._ready()
-        tensors = self._preprocess(classifier, images)
-        results = [
-            classifier.postprocess(probs, top_k, include_probabilities) for probs in self._compute(batcher, tensors)
-        ]
-        for result in results:
-            self.metrics.predicted(result["predicted_class"])
-        return results
+        return self._counted(self._compute(batcher, self._preprocess(classifier, images)))
+
+    def pixel_probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (N, 3, crop, crop) float32 pixels -> (N, classes) probabilities, counted; raises ApiError."""
+        _, batcher = self._ready()
+        self._check_pixels(pixels)
+        return self._counted(self._compute(batcher, list(pixels)))
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        crop = self.bundle.preprocess["crop"]
+        expected = [3, crop, crop]
+        if pixels.dtype != torch.float32:
+            raise ApiError("invalid_tensor", f"pixels must be float32, got {str(pixels.dtype).removeprefix('torch.')}")
+        if pixels.dim() != 4 or list(pixels.shape[1:]) != expected or not len(pixels):
+            raise ApiError(
+                "invalid_tensor",
+                f"pixels must have shape [N, 3, {crop}, {crop}] with N >= 1 (the bundle's preprocess: "
+                f"resize {self.bundle.preprocess['resize']}, centre crop {crop}, normalised), got {list(pixels.shape)}",
+            )
+        if not torch.isfinite(pixels).all():
+            raise ApiError("invalid_tensor", "pixels must be finite numbers (no NaN or infinity)")
+
+    def _counted(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        probs = torch.stack(rows)
+        for index in probs.argmax(dim=1).tolist():  # the first maximum, as top_k's ranking breaks ties
+            self.metrics.predicted(self.bundle.class_names[index])
+        return probs
 
     def _ready(self) -> tuple[Classifier, MicroBatcher]:
         # A draining worker still predicts: requests already on their way must be answered.

@@ -20,6 +20,7 @@ def test_defaults():
     assert settings.model_path == "models/pet_classifier.pt"
     assert settings.device == "auto" and settings.precision == "fp32"
     assert settings.torch_threads == default_torch_threads({})
+    assert settings.model_name == "pet-classifier"
     assert settings.max_upload_bytes == int(settings.max_upload_mb * 1024 * 1024)
 
 
@@ -60,6 +61,9 @@ def test_torch_threads_split_cores_between_workers():
         ("PRECISION", "fp8", "fp32, fp16, bf16"),
         ("LOG_LEVEL", "loud", "debug, info"),
         ("MODEL_PATH", "   ", "path"),
+        ("MODEL_NAME", "pets/v1", "letters, digits, '.', '_' or '-'"),
+        ("MODEL_NAME", "-pets", "starting with a letter or digit"),
+        ("MODEL_NAME", "sha256:1a2b", "letters, digits"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, hint):

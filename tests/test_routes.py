@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 
 import pytest
 
 from app import create_app, get_service
-from app.service import Service
 from models.bundle import BundleError, load_model
 from tests.conftest import PHOTOS
 from tests.fixtures.server import PHOTO_NAMES, reference_probabilities
@@ -105,29 +103,16 @@ def test_dead_batcher_makes_readyz_fail(app_factory, cat_jpeg):
     assert predict.get_json()["error"]["code"] == "not_ready"
 
 
-def test_not_ready_before_warm_up(tiny_bundle_path, cat_jpeg, monkeypatch):
-    """The loader thread is held back, so the app is observed before its warm-up."""
-    release = threading.Event()
-    load = Service._load
-
-    def held_load(service):
-        if release.wait(30):
-            load(service)
-
-    monkeypatch.setattr(Service, "_load", held_load)
-    app = create_app({"MODEL_PATH": str(tiny_bundle_path), "TORCH_THREADS": 1})
-    client = app.test_client()
-    try:
-        response = client.get("/readyz")
-        assert response.status_code == 503
-        assert response.get_json()["reasons"] == ["model loading and warming up"]
-        assert client.post("/predict", data=cat_jpeg, content_type="image/jpeg").status_code == 503
-        assert client.get("/model").get_json()["ready"] is False
-    finally:
-        release.set()
-    assert get_service(app).wait_ready(60)
+def test_not_ready_before_warm_up(cold_app, cat_jpeg):
+    client = cold_app.test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["reasons"] == ["model loading and warming up"]
+    assert client.post("/predict", data=cat_jpeg, content_type="image/jpeg").status_code == 503
+    assert client.get("/model").get_json()["ready"] is False
+    cold_app.config["RELEASE"].set()
+    assert get_service(cold_app).wait_ready(60)
     assert client.get("/readyz").status_code == 200
-    get_service(app).stop()
 
 
 def test_unloadable_model_stops_start_up(tiny_bundle_path):
