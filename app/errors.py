@@ -22,6 +22,7 @@ STATUS = {
     "invalid_json": 400,
     "invalid_parameters": 400,
     "too_many_files": 400,
+    "unauthorized": 401,
     "payload_too_large": 413,
     "image_too_large": 413,
     "unsupported_media_type": 415,

@@ -21,6 +21,7 @@ _IMAGES_BODY = {
 def _errors(*statuses: int) -> dict:
     meaning = {
         400: "Bad input (invalid image, bad query, wrong field, invalid base64, too many files)",
+        401: "Missing or invalid API key (only when API_KEYS is set)",
         413: "Too many bytes (MAX_UPLOAD_MB) or pixels (MAX_IMAGE_PIXELS)",
         415: "Unsupported content type or image format",
         503: "Not ready or queue full; see Retry-After",
@@ -74,3 +75,16 @@ def build_spec(version: str) -> dict:
         operations={"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
     )
     return spec.to_dict()
+
+
+def require_bearer(spec: dict, public_paths: set[str]) -> None:
+    """Mark every operation outside `public_paths` as needing `Authorization: Bearer <key>` (API_KEYS is set)."""
+    spec.setdefault("components", {})["securitySchemes"] = {
+        "bearerAuth": {"type": "http", "scheme": "bearer", "description": "One of the keys in API_KEYS"}
+    }
+    for path, operations in spec["paths"].items():
+        if path in public_paths:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"bearerAuth": []}]
+            operation["responses"].update(_errors(401))
