@@ -13,7 +13,7 @@ from app.config import ConfigError, Settings, load_settings
 from app.errors import coded_response, register_error_handlers
 from app.inference import serving_device
 from app.metrics import Metrics
-from app.openapi import build_spec, require_bearer
+from app.openapi import build_spec
 from app.routes import bp
 from app.service import EXTENSION, Service, get_service
 from models.bundle import load_bundle
@@ -73,10 +73,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     _install_metrics_hooks(app, metrics)
     install_api_keys(app, settings)
     app.register_blueprint(bp)
-    spec = build_spec(bundle.version)
-    if settings.api_keys:
-        public = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint in public_endpoints(settings)}
-        require_bearer(spec, public)
-    app.config["OPENAPI"] = spec
+    public = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint in public_endpoints(settings)}
+    app.config["OPENAPI"] = build_spec(bundle.version, public if settings.api_keys else None)
     get_service(app).start()
     return app

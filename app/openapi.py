@@ -49,8 +49,11 @@ def _json_get(summary: str, schema: str, *, not_ready: bool = False) -> dict:
     return {"get": {"summary": summary, "responses": responses}}
 
 
-def build_spec(version: str) -> dict:
-    """The OpenAPI document as a dict; `version` is the model version."""
+def build_spec(version: str, public_paths: set[str] | None = None) -> dict:
+    """The OpenAPI document as a dict; `version` is the model version.
+
+    With `public_paths` (API_KEYS is set), every other operation requires `Authorization: Bearer <key>`.
+    """
     spec = APISpec(title=TITLE, version=version, openapi_version="3.0.3", plugins=[MarshmallowPlugin()])
     for name in ("Prediction", "BatchPrediction", "Error", "Health", "ModelInfo", "Base64Image"):
         spec.components.schema(name, schema=getattr(schemas, f"{name}Schema"))
@@ -60,31 +63,26 @@ def build_spec(version: str) -> dict:
         "application/json": {"schema": "Base64Image"},
     }
     batch_body = {"multipart/form-data": {"schema": _IMAGES_BODY}}
-    spec.path("/predict", operations={"post": _predict_operation("Classify one image", single_body, "Prediction")})
-    spec.path(
-        "/predict/batch",
-        operations={"post": _predict_operation("Classify several images, in order", batch_body, "BatchPrediction")},
-    )
-    spec.path("/model", operations=_json_get("The served model", "ModelInfo"))
-    spec.path("/livez", operations=_json_get("The process answers", "Health"))
-    spec.path("/readyz", operations=_json_get("Ready for traffic", "Health", not_ready=True))
     metrics_response = {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}
-    spec.path("/metrics", operations={"get": {"summary": "Prometheus metrics", "responses": metrics_response}})
-    spec.path(
-        "/openapi.json",
-        operations={"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
-    )
-    return spec.to_dict()
-
-
-def require_bearer(spec: dict, public_paths: set[str]) -> None:
-    """Mark every operation outside `public_paths` as needing `Authorization: Bearer <key>` (API_KEYS is set)."""
-    spec.setdefault("components", {})["securitySchemes"] = {
-        "bearerAuth": {"type": "http", "scheme": "bearer", "description": "One of the keys in API_KEYS"}
+    paths = {
+        "/predict": {"post": _predict_operation("Classify one image", single_body, "Prediction")},
+        "/predict/batch": {
+            "post": _predict_operation("Classify several images, in order", batch_body, "BatchPrediction")
+        },
+        "/model": _json_get("The served model", "ModelInfo"),
+        "/livez": _json_get("The process answers", "Health"),
+        "/readyz": _json_get("Ready for traffic", "Health", not_ready=True),
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": metrics_response}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
     }
-    for path, operations in spec["paths"].items():
-        if path in public_paths:
-            continue
-        for operation in operations.values():
+    if public_paths is not None:
+        spec.components.security_scheme(
+            "bearerAuth", {"type": "http", "scheme": "bearer", "description": "One of the keys in API_KEYS"}
+        )
+        protected = [op for path, ops in paths.items() if path not in public_paths for op in ops.values()]
+        for operation in protected:
             operation["security"] = [{"bearerAuth": []}]
             operation["responses"].update(_errors(401))
+    for path, operations in paths.items():
+        spec.path(path, operations=operations)
+    return spec.to_dict()
