@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -239,7 +238,9 @@ class ServingWorker(ThreadWorker):
             deadline = time.monotonic() + RETRY_DELAY_S
             while self.alive and time.monotonic() < deadline:
                 time.sleep(POLL_S)
-        sys.exit(1)
+        # Status 1, not gunicorn's boot-error 3 (which halts the master). os._exit skips the interpreter's final
+        # garbage collection of the half-built app: 17 s measured on a loaded machine, while the old workers wait.
+        os._exit(1)
 
     def run(self):
         if self.alive:

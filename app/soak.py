@@ -227,7 +227,15 @@ def kill_worker(url: str, master: int, load: Load, workers: int, settle_s: float
     time.sleep(settle_s)
     outcomes = load.since(start - CLIENT_TIMEOUT_S)  # requests in flight at the kill started before it
     affected = [o for o in outcomes if o.started + o.seconds >= start]
-    return {"replaced_s": round(replaced, 1), "victim": victim, **summarize(affected)}
+    failed = [o for o in affected if o.status != 200]
+    return {
+        "replaced_s": round(replaced, 1),
+        "victim": victim,
+        **summarize(affected),
+        "failed_in_flight": sum(1 for o in failed if o.started < start),  # sent before the kill
+        "failed_after_kill": sum(1 for o in failed if o.started >= start),  # must be 0
+        "slowest_failure_ms": round(max((o.seconds for o in failed), default=0) * 1000, 1),  # no hang
+    }
 
 
 def recycling(url: str, master: int, load: Load, seconds: float) -> dict:

@@ -21,13 +21,16 @@ if docker compose version >/dev/null 2>&1; then compose=(docker compose); else c
 say "using $("${compose[@]}" version --short 2>/dev/null || "${compose[@]}" version | head -n 1)"
 API_PORT=$(free_port)
 PROMETHEUS_PORT=$(free_port)
-export API_PORT PROMETHEUS_PORT TRAIN_ARGS
+TRAIN_DATA_DIR=$(mktemp -d)  # empty: the train service makes its demo data, whatever ./data holds here
+chmod 755 "$TRAIN_DATA_DIR"
+export API_PORT PROMETHEUS_PORT TRAIN_ARGS TRAIN_DATA_DIR
 dc() { "${compose[@]}" -p "$PROJECT" --profile monitoring "$@"; }
 cleanup() {
     status=$?
     if [ "$status" -ne 0 ]; then dc logs --tail 60 || true; fi
     say "tearing down (containers, network, volumes)"
     dc down --volumes --remove-orphans >/dev/null 2>&1 || true
+    rmdir "$TRAIN_DATA_DIR" 2>/dev/null || true
     exit "$status"
 }
 trap cleanup EXIT

@@ -149,7 +149,7 @@ def test_image_is_multi_stage_slim_and_without_test_tools():
     for tool in ("pytest", "ruff", "hadolint"):
         assert tool not in runtime_pins
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
-    assert {".venv", "tests", ".git", "models/*.pt"} <= set(ignored)
+    assert {".venv", "tests", ".git", "models/*.pt", "**/*.ckpt"} <= set(ignored)  # no bundles or checkpoints
 
 
 def test_every_pinned_requirement_is_exact():
@@ -191,7 +191,7 @@ def test_train_runs_first_and_shares_the_bundle_volume():
     assert model_path == services["train"]["environment"]["MODEL_PATH"]
     assert "models:/models:ro" in services["api"]["volumes"]
     assert "models:/models" in services["train"]["volumes"]
-    assert "./data:/data:ro" in services["train"]["volumes"]
+    assert "${TRAIN_DATA_DIR:-./data}:/data:ro" in services["train"]["volumes"]
     assert model_path.startswith("/models/")
 
 
