@@ -55,6 +55,13 @@ say "api healthy after $(($(date +%s) - started)) s in all"
 answer=$(curl -sS --fail -F "image=@$PHOTO" "http://127.0.0.1:$API_PORT/predict")
 python3 -c 'import json, sys; r = json.loads(sys.argv[1]); print("container-test: /predict ->", r["predicted_class"], r["confidence"], r["model_version"])' "$answer"
 
+say "reloading: kill -HUP to gunicorn's master (PID 1 in the container)"
+docker kill --signal HUP "$api" >/dev/null
+for _ in $(seq 90); do docker logs "$api" 2>&1 | grep -q "generation 2 is ready" && break; sleep 2; done
+docker logs "$api" 2>&1 | grep -q "generation 2 is ready" || { say "the reload never completed"; exit 1; }
+curl -sS --fail -o /dev/null -F "image=@$PHOTO" "http://127.0.0.1:$API_PORT/predict"
+say "reloaded: generation 2 serves"
+
 query="http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query?query=petclf_model_info"
 for _ in $(seq 60); do
     scraped=$(curl -sS "$query" | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["data"]["result"]))' || echo 0)
