@@ -8,7 +8,10 @@ DEMO_DATA := data/demo
 PORT ?= 5000
 export MODEL_PATH PORT
 
-.PHONY: run serve test lint model clean
+# The project's offline machines get a Docker engine from the shared script; elsewhere Docker is assumed.
+OFFLINE_DOCKER ?= $(firstword $(wildcard ../shared/tools/offline-docker.sh ../../shared/tools/offline-docker.sh))
+
+.PHONY: run serve test lint model clean container-test soak audit
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,5 +35,24 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+container-test:  # the real image and compose file, run for real (minutes, ~6 GB); not part of `make test`
+	OFFLINE_DOCKER=$(abspath $(OFFLINE_DOCKER)) bash scripts/container_test.sh
+
+soak: model  # 256 clients for 2 minutes, then the reload scenarios (scripts/soak.py --help)
+	$(PY) scripts/soak.py --model $(MODEL_PATH)
+
+# pip-audit lives in its own venv: its dependencies stay out of the pinned project environment.
+AUDIT_VENV := .venv-audit
+$(AUDIT_VENV)/.installed:
+	test -x $(AUDIT_VENV)/bin/python || $(PYTHON) -m venv $(AUDIT_VENV)
+	$(AUDIT_VENV)/bin/pip install --quiet pip-audit==2.10.1
+	touch $@
+
+# Vulnerability data: pypi = https://pypi.org/pypi/<name>/<version>/json, osv = https://api.osv.dev
+AUDIT_SERVICE ?= pypi
+audit: $(AUDIT_VENV)/.installed  # known vulnerabilities of the pinned requirements; fails if any pin cannot be checked
+	$(AUDIT_VENV)/bin/pip-audit --requirement requirements.txt --no-deps --disable-pip --strict \
+		--vulnerability-service $(AUDIT_SERVICE) --progress-spinner off
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AUDIT_VENV) .pytest_cache .ruff_cache

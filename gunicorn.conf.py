@@ -2,12 +2,12 @@
 
 No preload_app: every worker imports the app and loads the model after fork, so CUDA is never
 initialised in the master. prometheus_client is imported only after PROMETHEUS_MULTIPROC_DIR is set,
-because it picks its (multiprocess) value class at import time.
+because it picks its (multiprocess) value class at import time. gunicorn executes this file again on
+every reload (HUP), in the running master: nothing here may stop that master.
 """
 
 import os
 import shutil
-import signal
 import sys
 import tempfile
 
@@ -17,44 +17,55 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # prometheus_client picks its (multiprocess) value class at import time, and importing the app package
-# imports it: choose the directory before the first `from app...` below.
-_own_metrics_dir = None  # set when this file chose the directory, so on_exit may delete it
+# imports it: choose the directory before the first `from app...` below. The name carries the master's pid,
+# so a reload (same pid) recognises the directory it chose and on_exit deletes only that one.
+_own_metrics_dir = os.path.join(tempfile.gettempdir(), f"petclf-prometheus-{os.getpid()}")
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    _own_metrics_dir = os.path.join(tempfile.gettempdir(), f"petclf-prometheus-{os.getpid()}")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
+
+from app import lifecycle  # noqa: E402  (after the metrics directory; imports no torch)
 
 
 def _settings():
-    """Validate the server's and the app's settings in the master, so a bad value stops it before any fork."""
+    """Validate the settings in the master, so a bad value stops it before any fork; at reload, only report."""
     from app.config import ConfigError, load_server_settings, load_settings
 
+    server = app = None
     try:
-        server, app = load_server_settings(), load_settings()
+        server = load_server_settings()
+        app = load_settings()
+        if not os.path.isfile(app.model_path):
+            # Workers would each fail with a traceback; one line from the master says it better.
+            raise ConfigError(
+                f"MODEL_PATH={app.model_path!r} is not a file; "
+                "train a bundle first (make model, or python scripts/train.py --output PATH)"
+            )
     except ConfigError as error:
-        sys.exit(f"configuration error: {error}")
-    if not os.path.isfile(app.model_path):
-        # Workers would each fail with a traceback; one line from the master says it better.
-        sys.exit(
-            f"configuration error: MODEL_PATH={app.model_path!r} is not a file; "
-            "train a bundle first (make model, or python scripts/train.py --output PATH)"
-        )
+        if not lifecycle.is_reload() or server is None:  # the environment, hence the server settings, cannot change
+            sys.exit(f"configuration error: {error}")
+        # The new workers will fail on the same problem, record it, and the running ones keep serving.
+        print(f"reload: configuration error: {error}; the running workers keep serving", file=sys.stderr)
     return server, app
 
 
 _server, _app = _settings()
 bind = _server.address
-worker_class = "gthread"
+# gthread, plus: accept only once warm, keep serving through a reload until the new workers are warm,
+# and a worker that cannot load while others serve fails alone (app/lifecycle.py).
+worker_class = "app.lifecycle.ServingWorker"
 workers = _server.web_concurrency  # one per GPU; on CPU, one per few cores (TORCH_THREADS splits them)
 threads = _server.threads  # concurrent requests per worker: what the batcher can group
 timeout = _server.timeout
 graceful_timeout = _server.graceful_timeout
 keepalive = _server.keepalive
+max_requests = _server.max_requests  # recycling: the other workers serve while the replacement warms up
+max_requests_jitter = _server.max_requests_jitter
 preload_app = False
 accesslog = "-"
 errorlog = "-"
 # Several servers may share a host (replicas, tests); gunicorn's default control socket path would clash.
 control_socket_disable = True
-loglevel = _app.log_level
+loglevel = _app.log_level if _app else os.environ.get("LOG_LEVEL", "info")
 
 
 def on_starting(server):
@@ -63,20 +74,13 @@ def on_starting(server):
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
     server.log.info("prometheus multiprocess directory: %s", path)
+    server.log.info("worker run directory: %s", lifecycle.start_run_dir())
 
 
-def post_worker_init(worker):
-    """Worker: on SIGTERM, first mark the app draining (/readyz -> 503), then let gunicorn stop gracefully."""
-    from app import get_service
-
-    service = get_service(worker.wsgi)
-    graceful_exit = worker.handle_exit
-
-    def drain_then_exit(signum, frame):
-        service.drain()
-        graceful_exit(signum, frame)
-
-    signal.signal(signal.SIGTERM, drain_then_exit)
+def on_reload(server):
+    """Master, on HUP, before forking the new workers: they are the next generation."""
+    generation = lifecycle.next_generation()
+    server.log.info("reload: starting generation %d; the running workers serve until it is ready", generation)
 
 
 def worker_exit(server, worker):
@@ -89,13 +93,15 @@ def worker_exit(server, worker):
 
 
 def child_exit(server, worker):
-    """Master: drop the dead worker's live gauges (queue depth, model info) from the aggregate."""
+    """Master: drop the dead worker's live gauges (queue depth, model info) and its run-directory record."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    lifecycle.forget(worker.age)
 
 
 def on_exit(server):
-    """Master, at shutdown: remove the metrics directory if this file created it."""
-    if _own_metrics_dir:
+    """Master, at shutdown: remove the run directory, and the metrics directory if this file chose it."""
+    lifecycle.remove_run_dir()
+    if os.environ["PROMETHEUS_MULTIPROC_DIR"] == _own_metrics_dir:
         shutil.rmtree(_own_metrics_dir, ignore_errors=True)

@@ -8,6 +8,7 @@ import time
 from flask import Flask, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from app.auth import install_api_keys, public_endpoints
 from app.config import ConfigError, Settings, load_settings
 from app.errors import coded_response, register_error_handlers
 from app.inference import serving_device
@@ -51,7 +52,11 @@ def _install_size_limit_handler(app: Flask, settings: Settings) -> None:
 
 
 def create_app(test_config: dict | None = None) -> Flask:
-    """Build the app: settings (defaults < environment < test_config), bundle, metrics, routes; warm-up starts."""
+    """Build the app: settings (defaults < environment < test_config), bundle, metrics, routes; returns it warm.
+
+    Loading and warm-up happen here, synchronously, so a gunicorn worker starts accepting only once it can
+    predict; any failure raises (at first start gunicorn then stops, see app.lifecycle for reloads).
+    """
     settings = load_settings(overrides=test_config)
     _configure_logging(settings.log_level)
     # Fail fast: a bad bundle or an unusable DEVICE/PRECISION stops the worker (and gunicorn) at boot.
@@ -59,15 +64,18 @@ def create_app(test_config: dict | None = None) -> Flask:
     device = serving_device(settings)
     app = Flask(__name__)
     app.json.sort_keys = False  # keep class order in all_probabilities
-    app.config.from_mapping(MAX_CONTENT_LENGTH=settings.max_upload_bytes, OPENAPI=build_spec(bundle.version))
+    app.config.from_mapping(MAX_CONTENT_LENGTH=settings.max_upload_bytes)
     if test_config:
-        app.config.from_mapping(test_config)
+        app.config.from_mapping({k: v for k, v in test_config.items() if k != "API_KEYS"})  # keys stay in settings
     metrics = Metrics(bundle.class_names)
     app.extensions[EXTENSION] = Service(settings, bundle, device, metrics)
     register_error_handlers(app)
     _install_size_limit_handler(app, settings)
     _install_metrics_hooks(app, metrics)
+    install_api_keys(app, settings)
     app.register_blueprint(bp)
     register_v2(app)  # the Open Inference Protocol under /v2
+    public = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint in public_endpoints(settings)}
+    app.config["OPENAPI"] = build_spec(bundle.version, public if settings.api_keys else None)
     get_service(app).start()
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from models.bundle import DEFAULT_BUNDLE_PATH
 from models.images import DEFAULT_MAX_PIXELS
@@ -15,6 +15,10 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # A model name must be one URL path segment that Kubernetes, KServe and Triton clients accept unquoted.
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+MIN_KEY_LENGTH = 16
+API_KEY_PATTERN = re.compile(r"^[!-+\--~]+$")  # printable ASCII without space and comma
+PATH_PREFIXES = ("/", "./", "../", "~")  # API_KEYS names a file
 
 
 class ConfigError(ValueError):
@@ -38,6 +42,8 @@ class Settings:
     torch_threads: int = 0  # 0 = default_torch_threads()
     log_level: str = "info"
     model_name: str = "pet-classifier"  # the name the Open Inference Protocol (/v2) serves the model under
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty = no authentication; never printed
+    metrics_public: bool = True
 
     @property
     def max_upload_bytes(self) -> int:
@@ -92,6 +98,45 @@ def _path(name: str, raw: object) -> str:
     return value
 
 
+def _flag(name: str, raw: object) -> bool:
+    value = str(raw).strip().lower()
+    if value not in FLAGS:
+        raise ConfigError(f"{name}={raw!r} is invalid: valid choices are {', '.join(FLAGS)}")
+    return FLAGS[value]
+
+
+def _key_list(text: str) -> list[str]:
+    """Keys separated by commas or newlines; blank entries and `#` comment lines are skipped."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    return [key.strip() for line in lines for key in line.split(",") if key.strip()]
+
+
+def _api_keys(name: str, raw: object) -> tuple[str, ...]:
+    """Comma-separated keys, or the path of a file of keys; the messages never repeat a key."""
+    if isinstance(raw, (list, tuple)):
+        keys = [str(key).strip() for key in raw]
+    elif str(raw).strip().startswith(PATH_PREFIXES):
+        path = os.path.expanduser(str(raw).strip())
+        try:
+            with open(path, encoding="utf-8") as handle:
+                keys = _key_list(handle.read())
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror or error
+            raise ConfigError(f"{name} names the file {path!r}, which cannot be read: {reason}") from None
+        if not keys:
+            raise ConfigError(f"{name} names the file {path!r}, which holds no keys")
+    else:
+        keys = _key_list(str(raw))
+    for position, key in enumerate(keys, 1):
+        if len(key) < MIN_KEY_LENGTH or not API_KEY_PATTERN.match(key):
+            raise ConfigError(
+                f"{name}: key {position} of {len(keys)} is invalid: a key has at least {MIN_KEY_LENGTH} "
+                "printable ASCII characters, no spaces or commas, and does not start with / ./ ../ or ~ "
+                "(e.g. `openssl rand -hex 32`)"
+            )
+    return tuple(keys)
+
+
 PARSERS: dict[str, Callable[[str, object], object]] = {
     "model_path": _path,
     "device": _device,
@@ -106,6 +151,8 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
     "torch_threads": _number(int, 1, 1024),
     "log_level": _choice(LOG_LEVELS),
     "model_name": _model_name,
+    "api_keys": _api_keys,
+    "metrics_public": _flag,
 }
 
 
@@ -120,6 +167,8 @@ class ServerSettings:
     timeout: int = 120
     graceful_timeout: int = 30
     keepalive: int = 5
+    max_requests: int = 0  # recycle a worker after this many requests (0 = never)
+    max_requests_jitter: int = 0  # plus a random 0..jitter, so workers do not recycle together
 
     @property
     def address(self) -> str:
@@ -135,6 +184,8 @@ SERVER_PARSERS: dict[str, Callable[[str, object], object]] = {
     "timeout": _number(int, 1, 86_400),
     "graceful_timeout": _number(int, 1, 86_400),
     "keepalive": _number(int, 0, 3600),
+    "max_requests": _number(int, 0, 1_000_000_000),
+    "max_requests_jitter": _number(int, 0, 1_000_000_000),
 }
 
 
@@ -142,10 +193,10 @@ def _layered(cls: type, parsers: Mapping, environ: Mapping[str, str], overrides:
     """Parsed values of `cls`'s fields from environ, then overrides (keys are upper-case names); unset ones absent."""
     layered = {**{k: v for k, v in environ.items() if k.lower() in parsers}, **dict(overrides or {})}
     values = {}
-    for field in fields(cls):
-        name = field.name.upper()
+    for spec in fields(cls):
+        name = spec.name.upper()
         if name in layered and layered[name] not in ("", None):
-            values[field.name] = parsers[field.name](name, layered[name])
+            values[spec.name] = parsers[spec.name](name, layered[name])
     return values
 
 

@@ -24,6 +24,7 @@ STATUS = {
     "invalid_parameters": 400,
     "invalid_tensor": 400,
     "too_many_files": 400,
+    "unauthorized": 401,
     "unknown_model": 404,
     "payload_too_large": 413,
     "image_too_large": 413,

@@ -55,23 +55,29 @@ def wait_ready(url: str, process: subprocess.Popen | None = None, workers: int =
         try:
             if requests.get(f"{url}/readyz", timeout=5).status_code == 200 and ready_workers(url) >= workers:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet; warming up (connected, no answer)
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url}: {workers} ready worker(s) not seen after {timeout}s")
 
 
 @contextmanager
+def serving(env: dict, log_file, workers: int = 1):
+    """A server started with the canonical command and `env`, ready on entry: (process, url); SIGTERM on exit."""
+    process, url = spawn_server({"WEB_CONCURRENCY": workers, **env}, log_file)
+    try:
+        wait_ready(url, process, workers)
+        yield process, url
+    finally:
+        process.terminate()
+        process.wait(90)
+
+
+@contextmanager
 def spawned(env: dict, workers: int = 1, log_path: str | os.PathLike = os.devnull):
-    """A server started with the canonical command and `env`, ready on entry, stopped (SIGTERM) on exit."""
-    with open(log_path, "wb") as log_file:
-        process, url = spawn_server({"WEB_CONCURRENCY": workers, **env}, log_file)
-        try:
-            wait_ready(url, process, workers)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(60)
+    """`serving`, logging to `log_path`; yields the url."""
+    with open(log_path, "wb") as log_file, serving(env, log_file, workers) as (_, url):
+        yield url
 
 
 def _client(url: str, data: bytes, count: int, latencies: list, errors: list) -> None:

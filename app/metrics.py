@@ -72,9 +72,9 @@ class Metrics(BatchObserver):
         """Count one prediction of `label`."""
         self._by_class[label].inc()
 
-    def set_model(self, version: str, arch: str, device: str) -> None:
-        """Publish the model-info gauge once the model is loaded."""
-        self.model_info.labels(version, arch, device).set(1)
+    def set_model(self, version: str, arch: str, device: str, live: bool = True) -> None:
+        """Publish the model-info gauge once the model is warm (1), or leave it when the worker drains (0)."""
+        self.model_info.labels(version, arch, device).set(1 if live else 0)
 
     # Batcher side (BatchObserver)
 

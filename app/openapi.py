@@ -21,6 +21,7 @@ _IMAGES_BODY = {
 def _errors(*statuses: int) -> dict:
     meaning = {
         400: "Bad input (invalid image, bad query, wrong field, invalid base64, too many files)",
+        401: "Missing or invalid API key (only when API_KEYS is set)",
         413: "Too many bytes (MAX_UPLOAD_MB) or pixels (MAX_IMAGE_PIXELS)",
         415: "Unsupported content type or image format",
         503: "Not ready or queue full; see Retry-After",
@@ -48,8 +49,11 @@ def _json_get(summary: str, schema: str, *, not_ready: bool = False) -> dict:
     return {"get": {"summary": summary, "responses": responses}}
 
 
-def build_spec(version: str) -> dict:
-    """The OpenAPI document as a dict; `version` is the model version."""
+def build_spec(version: str, public_paths: set[str] | None = None) -> dict:
+    """The OpenAPI document as a dict; `version` is the model version.
+
+    With `public_paths` (API_KEYS is set), every other operation requires `Authorization: Bearer <key>`.
+    """
     spec = APISpec(title=TITLE, version=version, openapi_version="3.0.3", plugins=[MarshmallowPlugin()])
     for name in ("Prediction", "BatchPrediction", "Error", "Health", "ModelInfo", "Base64Image"):
         spec.components.schema(name, schema=getattr(schemas, f"{name}Schema"))
@@ -59,21 +63,33 @@ def build_spec(version: str) -> dict:
         "application/json": {"schema": "Base64Image"},
     }
     batch_body = {"multipart/form-data": {"schema": _IMAGES_BODY}}
-    spec.path("/predict", operations={"post": _predict_operation("Classify one image", single_body, "Prediction")})
-    spec.path(
-        "/predict/batch",
-        operations={"post": _predict_operation("Classify several images, in order", batch_body, "BatchPrediction")},
-    )
-    spec.path("/model", operations=_json_get("The served model", "ModelInfo"))
-    spec.path("/livez", operations=_json_get("The process answers", "Health"))
-    spec.path("/readyz", operations=_json_get("Ready for traffic", "Health", not_ready=True))
     metrics_response = {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}
-    spec.path("/metrics", operations={"get": {"summary": "Prometheus metrics", "responses": metrics_response}})
-    spec.path(
-        "/openapi.json",
-        operations={"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
-    )
-    _v2_paths(spec)
+    paths = {
+        "/predict": {"post": _predict_operation("Classify one image", single_body, "Prediction")},
+        "/predict/batch": {
+            "post": _predict_operation("Classify several images, in order", batch_body, "BatchPrediction")
+        },
+        "/model": _json_get("The served model", "ModelInfo"),
+        "/livez": _json_get("The process answers", "Health"),
+        "/readyz": _json_get("Ready for traffic", "Health", not_ready=True),
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": metrics_response}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
+        **_v2_paths(spec),
+    }
+    if public_paths is not None:
+        spec.components.security_scheme(
+            "bearerAuth", {"type": "http", "scheme": "bearer", "description": "One of the keys in API_KEYS"}
+        )
+        for path, operations in paths.items():
+            if path in public_paths:
+                continue
+            # Under /v2 errors take the protocol's own form (app/v2.py).
+            unauthorized = _v2_responses("V2Error", 401) if path.startswith("/v2") else _errors(401)
+            for operation in operations.values():
+                operation["security"] = [{"bearerAuth": []}]
+                operation["responses"].update({"401": unauthorized["401"]})
+    for path, operations in paths.items():
+        spec.path(path, operations=operations)
     return spec.to_dict()
 
 
@@ -109,20 +125,22 @@ def _v2_infer(parameters: tuple) -> dict:
     return {"post": operation}
 
 
-def _v2_paths(spec: APISpec) -> None:
-    """The Open Inference Protocol v2 routes (app/v2.py), their JSON described by app/v2_codec.py's schemas."""
+def _v2_paths(spec: APISpec) -> dict:
+    """The Open Inference Protocol v2 routes (app/v2.py) by path; their JSON described by app/v2_codec.py's schemas."""
     names = ("ServerMetadata", "Live", "Ready", "ModelMetadata", "ModelReady", "Error", "InferenceRequest")
     for name in (*names, "InferenceResponse"):
         spec.components.schema(f"V2{name}", schema=getattr(v2_codec, f"V2{name}Schema"))
-    spec.path("/v2", operations=_v2_get("Server metadata", "V2ServerMetadata"))
-    spec.path("/v2/health/live", operations=_v2_get("Server live", "V2Live"))
-    spec.path("/v2/health/ready", operations=_v2_get("Server ready", "V2Ready", 503))
+    paths = {
+        "/v2": _v2_get("Server metadata", "V2ServerMetadata"),
+        "/v2/health/live": _v2_get("Server live", "V2Live"),
+        "/v2/health/ready": _v2_get("Server ready", "V2Ready", 503),
+    }
     model = "/v2/models/{model_name}"
     for prefix, parameters in (
         (model, (_V2_MODEL,)),
         (f"{model}/versions/{{model_version}}", (_V2_MODEL, _V2_VERSION)),
     ):
-        spec.path(prefix, operations=_v2_get("Model metadata", "V2ModelMetadata", 404, parameters=parameters))
-        ready = _v2_get("Model ready", "V2ModelReady", 404, 503, parameters=parameters)
-        spec.path(f"{prefix}/ready", operations=ready)
-        spec.path(f"{prefix}/infer", operations=_v2_infer(parameters))
+        paths[prefix] = _v2_get("Model metadata", "V2ModelMetadata", 404, parameters=parameters)
+        paths[f"{prefix}/ready"] = _v2_get("Model ready", "V2ModelReady", 404, 503, parameters=parameters)
+        paths[f"{prefix}/infer"] = _v2_infer(parameters)
+    return paths

@@ -6,6 +6,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from app.errors import RETRY_AFTER_S
 from app.inputs import batch_images, single_image
+from app.lifecycle import arrival_time
 from app.schemas import BatchPredictionSchema, HealthSchema, ModelInfoSchema, PredictionSchema
 from app.service import Service, get_service
 
@@ -26,7 +27,7 @@ def predict():
     """One image -> one prediction."""
     svc = service()
     options = svc.query_schema.load(request.args)
-    (result,) = svc.predict([single_image(request)], **options)
+    (result,) = svc.predict([single_image(request)], **options, arrived=arrival_time())
     return jsonify(prediction_schema.dump(result))
 
 
@@ -35,7 +36,8 @@ def predict_batch():
     """Several images -> predictions in the same order; they share forward passes."""
     svc = service()
     options = svc.query_schema.load(request.args)
-    results = svc.predict(batch_images(request, svc.settings.max_batch_files), **options)
+    images = batch_images(request, svc.settings.max_batch_files)
+    results = svc.predict(images, **options, arrived=arrival_time())
     return jsonify(batch_schema.dump({"predictions": results, "model_version": svc.bundle.version}))
 
 
@@ -53,7 +55,10 @@ def livez():
 
 @bp.get("/readyz")
 def readyz():
-    """200 when loaded, warmed up, batcher alive and not draining; else 503 with the reasons."""
+    """200 when the batcher is alive and the worker is not draining; else 503 with the reasons.
+
+    A worker takes connections only once its model is loaded and warm, so no client sees it cold.
+    """
     reasons = service().reasons()
     if reasons:
         response = jsonify(health_schema.dump({"status": "not_ready", "reasons": reasons}))

@@ -1,4 +1,4 @@
-"""One worker's serving state: loads and warms the model in the background, owns the batcher, knows readiness."""
+"""One worker's serving state: loads and warms the model before the worker takes requests, owns the batcher."""
 
 from __future__ import annotations
 
@@ -39,85 +39,84 @@ class Service:
         self.query_schema = PredictQuerySchema(num_classes=len(bundle.class_names))
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher | None = None
-        self.load_error: str | None = None
-        self.warmed = threading.Event()
         self.draining = threading.Event()
-        self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
 
     def start(self) -> Service:
-        """Load and warm up in the background: the worker answers /livez and /readyz meanwhile."""
-        self._loader.start()
-        return self
+        """Build the model, warm it up and start the batcher, synchronously; raises when any of it fails.
 
-    def _load(self) -> None:
+        Synchronous on purpose: create_app returns only when this worker can predict, so gunicorn's worker
+        enters its accept loop warm, and a reload or a replaced worker never hands a request to a cold model.
+        """
         settings = self.settings
-        try:
-            classifier = build_classifier(settings, self.bundle, self.device)
-            started = time.perf_counter()
-            classifier.warmup(tuple(sorted({1, settings.max_batch_size})))
-            log.info("warm-up done in %.2fs", time.perf_counter() - started)
-            self.batcher = MicroBatcher(
-                classifier.inference,
-                max_batch_size=settings.max_batch_size,
-                max_wait_s=settings.max_batch_wait_ms / 1000,
-                max_queue=settings.max_queue,
-                observer=self.metrics,
-            ).start()
-            self.classifier = classifier
-            self.metrics.set_model(self.bundle.version, self.bundle.arch, str(classifier.device))
-            self.warmed.set()
-        except Exception as error:  # reported by /readyz; the worker stays alive to say why
-            log.exception("loading the model failed")
-            self.load_error = f"{type(error).__name__}: {error}"
-
-    def wait_ready(self, timeout: float) -> bool:
-        """Block until loaded and warmed up (tests and tools); False on timeout or load failure."""
-        self._loader.join(timeout)
-        return not self.reasons()
+        classifier = build_classifier(settings, self.bundle, self.device)
+        started = time.perf_counter()
+        classifier.warmup(tuple(sorted({1, settings.max_batch_size})))
+        log.info("warm-up done in %.2fs", time.perf_counter() - started)
+        self.batcher = MicroBatcher(
+            classifier.inference,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_batch_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            observer=self.metrics,
+        ).start()
+        self.classifier = classifier
+        self.metrics.set_model(self.bundle.version, self.bundle.arch, str(classifier.device))
+        return self
 
     def reasons(self) -> list[str]:
         """Why this worker is not ready; empty when it is."""
         reasons = []
-        if self.load_error:
-            reasons.append(f"model failed to load: {self.load_error}")
-        elif not self.warmed.is_set():
-            reasons.append("model loading and warming up")
-        elif self.batcher is None or not self.batcher.alive:
+        if self.batcher is None:
+            reasons.append("model not loaded")
+        elif not self.batcher.alive:
             reasons.append("batcher thread is not running")
         if self.draining.is_set():
             reasons.append("worker is draining (shutting down)")
         return reasons
 
     def drain(self) -> None:
-        """Stop reporting ready; in-flight and queued requests still finish."""
+        """Stop reporting ready and leave petclf_model_info; in-flight and queued requests still finish."""
         if not self.draining.is_set():
             log.info("draining: /readyz answers 503 from now on; in-flight requests finish")
+            if self.classifier is not None:
+                self.metrics.set_model(self.bundle.version, self.bundle.arch, str(self.classifier.device), live=False)
         self.draining.set()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Drain, wait for the loader, finish queued work and end the batcher thread."""
+        """Drain, finish queued work and end the batcher thread."""
         self.drain()
-        self._loader.join(timeout)
         if self.batcher is not None:
             self.batcher.stop(timeout)
 
     # Prediction: preprocess -> batch -> postprocess -> metrics
 
-    def predict(self, images: list[bytes], top_k: int, include_probabilities: bool = True) -> list[dict]:
-        """Image bytes -> prediction documents, in order; raises ApiError (not ready, full, timeout) or ImageError."""
-        rows = self.probabilities(images)
+    def predict(
+        self, images: list[bytes], top_k: int, include_probabilities: bool = True, arrived: float | None = None
+    ) -> list[dict]:
+        """Image bytes -> prediction documents, in order; raises ApiError (not ready, full, timeout) or ImageError.
+
+        `arrived` is when the server took the request (time.monotonic(); default now): REQUEST_TIMEOUT_S counts
+        from then, so time spent waiting for a request thread under overload counts too.
+        """
+        rows = self.probabilities(images, arrived)
         return [self.classifier.postprocess(probs, top_k, include_probabilities) for probs in rows]
 
-    def probabilities(self, images: list[bytes]) -> torch.Tensor:
+    def probabilities(self, images: list[bytes], arrived: float | None = None) -> torch.Tensor:
         """Image bytes -> (N, classes) probabilities in order, counted as predictions; raises ApiError or ImageError."""
+        deadline = self._deadline(arrived)
         classifier, batcher = self._ready()
-        return self._counted(self._compute(batcher, self._preprocess(classifier, images)))
+        self._check_deadline(deadline)  # it waited for a thread past its deadline: answer at once, compute nothing
+        return self._counted(self._compute(batcher, self._preprocess(classifier, images), deadline))
 
-    def pixel_probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+    def pixel_probabilities(self, pixels: torch.Tensor, arrived: float | None = None) -> torch.Tensor:
         """Preprocessed (N, 3, crop, crop) float32 pixels -> (N, classes) probabilities, counted; raises ApiError."""
+        deadline = self._deadline(arrived)
         _, batcher = self._ready()
         self._check_pixels(pixels)
-        return self._counted(self._compute(batcher, list(pixels)))
+        return self._counted(self._compute(batcher, list(pixels), deadline))
+
+    def _deadline(self, arrived: float | None) -> float:
+        return (time.monotonic() if arrived is None else arrived) + self.settings.request_timeout_s
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
         crop = self.bundle.preprocess["crop"]
@@ -142,9 +141,17 @@ class Service:
     def _ready(self) -> tuple[Classifier, MicroBatcher]:
         # A draining worker still predicts: requests already on their way must be answered.
         classifier, batcher = self.classifier, self.batcher
-        if not self.warmed.is_set() or classifier is None or batcher is None or not batcher.alive:
+        if classifier is None or batcher is None or not batcher.alive:
             raise ApiError("not_ready", "; ".join(self.reasons()) or "the batcher stopped")
         return classifier, batcher
+
+    def _check_deadline(self, deadline: float) -> float:
+        """Seconds left before `deadline`; raises ApiError("timeout") when none are."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            limit = self.settings.request_timeout_s
+            raise ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={limit}s")
+        return remaining
 
     @staticmethod
     def _preprocess(classifier: Classifier, images: list[bytes]) -> list[torch.Tensor]:
@@ -158,21 +165,23 @@ class Service:
                 raise type(error)(f"image {index}: {error}") from error
         return tensors
 
-    def _submit_all(self, batcher: MicroBatcher, tensors: list[torch.Tensor]) -> list[concurrent.futures.Future]:
+    def _submit_all(
+        self, batcher: MicroBatcher, tensors: list[torch.Tensor], deadline: float
+    ) -> list[concurrent.futures.Future]:
+        remaining = self._check_deadline(deadline)  # preprocessing may have used the rest
         futures = []
         try:
             for tensor in tensors:
-                futures.append(batcher.submit(tensor, self.settings.request_timeout_s))
+                futures.append(batcher.submit(tensor, remaining))
         except (QueueFull, BatcherStopped) as error:
             for future in futures:
                 future.cancel()
             raise ApiError("queue_full" if isinstance(error, QueueFull) else "not_ready", str(error)) from error
         return futures
 
-    def _compute(self, batcher: MicroBatcher, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Probabilities for each tensor, computed by the batcher within REQUEST_TIMEOUT_S."""
-        futures = self._submit_all(batcher, tensors)
-        deadline = time.monotonic() + self.settings.request_timeout_s
+    def _compute(self, batcher: MicroBatcher, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]:
+        """Probabilities for each tensor, computed by the batcher before `deadline`."""
+        futures = self._submit_all(batcher, tensors, deadline)
         try:
             return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except (concurrent.futures.TimeoutError, DeadlineExceeded) as error:

@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from app.errors import ApiError, register_error_form
+from app.lifecycle import arrival_time
 from app.service import Service, get_service
 from app.v2_codec import (
     EXTENSIONS,
@@ -144,8 +145,8 @@ def infer(model_name: str, model_version: str | None = None):
     parsed = decode_request(document, binary, spec)
     service = _service()
     if parsed.images is not None:
-        probabilities = service.probabilities(parsed.images)
+        probabilities = service.probabilities(parsed.images, arrived=arrival_time())
     else:
-        probabilities = service.pixel_probabilities(parsed.pixels)
+        probabilities = service.pixel_probabilities(parsed.pixels, arrived=arrival_time())
     body, headers = encode_response(spec, parsed, probabilities)
     return Response(body, content_type=headers.pop("Content-Type"), headers=headers)

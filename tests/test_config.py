@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app import create_app
-from app.config import ConfigError, Settings, default_torch_threads, load_settings
+from app.config import ConfigError, Settings, default_torch_threads, load_server_settings, load_settings
 from app.inference import serving_device
 from tests.fixtures.server import REPO_ROOT
 
@@ -125,3 +125,24 @@ def test_gunicorn_refuses_a_bad_worker_count(tmp_path):
 def test_app_refuses_an_unusable_device_at_start_up(tiny_bundle_path):
     with pytest.raises(ConfigError, match="DEVICE=cuda"):
         create_app({"MODEL_PATH": str(tiny_bundle_path), "DEVICE": "cuda"})
+
+
+def test_gunicorn_takes_its_server_settings_from_app_config(tmp_path, tiny_bundle_path):
+    command = [sys.executable, "-m", "gunicorn", "--print-config", "-c", "gunicorn.conf.py", "app:create_app()"]
+    env = {"MODEL_PATH": str(tiny_bundle_path), "MAX_REQUESTS": "500", "MAX_REQUESTS_JITTER": "50"}
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env={**os.environ, **env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    printed = dict(map(str.strip, line.split(" = ", 1)) for line in result.stdout.splitlines() if " = " in line)
+    assert {k: printed[k] for k in ("max_requests", "max_requests_jitter", "worker_class")} == {
+        "max_requests": "500",
+        "max_requests_jitter": "50",
+        "worker_class": "app.lifecycle.ServingWorker",
+    }
+
+
+@pytest.mark.parametrize(("name", "value"), [("MAX_REQUESTS", "-1"), ("MAX_REQUESTS_JITTER", "lots")])
+def test_bad_server_values_name_the_variable(name, value):
+    with pytest.raises(ConfigError, match=f"{name}='{value}' is invalid: must be an integer"):
+        load_server_settings({name: value})

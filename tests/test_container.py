@@ -120,6 +120,19 @@ def test_compose_files_follow_the_compose_spec():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_compose_files_suit_compose_1_29_too():
+    for path in (COMPOSE, GPU_COMPOSE):
+        assert "name" not in compose(path), "Compose 1.29 refuses a top-level `name:`"
+        assert "create_host_path" not in path.read_text(), "Compose 1.29 refuses `bind.create_host_path`"
+    legacy = shutil.which("docker-compose")  # Debian's 1.29, where installed: let it judge for itself
+    if legacy:
+        result = subprocess.run(
+            [legacy, "-f", str(COMPOSE), "-f", str(GPU_COMPOSE), "config", "--quiet"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+
+
 def test_image_runs_the_canonical_command_as_non_root():
     assert [json.loads(cmd) for cmd in runtime("CMD")] == [CANONICAL_COMMAND]
     assert compose()["services"]["api"]["command"] == CANONICAL_COMMAND
@@ -136,7 +149,7 @@ def test_image_is_multi_stage_slim_and_without_test_tools():
     for tool in ("pytest", "ruff", "hadolint"):
         assert tool not in runtime_pins
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
-    assert {".venv", "tests", ".git", "models/*.pt"} <= set(ignored)
+    assert {".venv", "tests", ".git", "models/*.pt", "**/*.ckpt"} <= set(ignored)  # no bundles or checkpoints
 
 
 def test_every_pinned_requirement_is_exact():
@@ -178,6 +191,7 @@ def test_train_runs_first_and_shares_the_bundle_volume():
     assert model_path == services["train"]["environment"]["MODEL_PATH"]
     assert "models:/models:ro" in services["api"]["volumes"]
     assert "models:/models" in services["train"]["volumes"]
+    assert "${TRAIN_DATA_DIR:-./data}:/data:ro" in services["train"]["volumes"]
     assert model_path.startswith("/models/")
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import pytest
 
 from app import create_app, get_service
+from app.errors import ApiError
+from app.inference import Classifier
 from models.bundle import BundleError, load_model
 from tests.conftest import PHOTOS
 from tests.fixtures.server import PHOTO_NAMES, reference_probabilities
@@ -103,16 +106,35 @@ def test_dead_batcher_makes_readyz_fail(app_factory, cat_jpeg):
     assert predict.get_json()["error"]["code"] == "not_ready"
 
 
-def test_not_ready_before_warm_up(cold_app, cat_jpeg):
-    client = cold_app.test_client()
-    response = client.get("/readyz")
-    assert response.status_code == 503
-    assert response.get_json()["reasons"] == ["model loading and warming up"]
-    assert client.post("/predict", data=cat_jpeg, content_type="image/jpeg").status_code == 503
-    assert client.get("/model").get_json()["ready"] is False
-    cold_app.config["RELEASE"].set()
-    assert get_service(cold_app).wait_ready(60)
-    assert client.get("/readyz").status_code == 200
+def test_create_app_returns_a_warm_app(tiny_bundle_path, cat_jpeg):
+    """No background warm-up: the app is ready the moment create_app returns (a worker accepts only then)."""
+    app = create_app({"MODEL_PATH": str(tiny_bundle_path), "TORCH_THREADS": 1})
+    try:
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/model").get_json()["ready"] is True
+        assert client.post("/predict", data=cat_jpeg, content_type="image/jpeg").status_code == 200
+    finally:
+        get_service(app).stop()
+
+
+def test_a_failing_warm_up_stops_start_up(tiny_bundle_path, monkeypatch):
+    def broken(self, batch_sizes):
+        raise RuntimeError("warm-up exploded")
+
+    monkeypatch.setattr(Classifier, "warmup", broken)
+    with pytest.raises(RuntimeError, match="warm-up exploded"):
+        create_app({"MODEL_PATH": str(tiny_bundle_path), "TORCH_THREADS": 1})
+
+
+def test_request_timeout_counts_from_arrival(app, cat_jpeg):
+    """A request that waited for a thread past REQUEST_TIMEOUT_S is answered 504 at once, computing nothing."""
+    service = get_service(app)
+    stale = time.monotonic() - service.settings.request_timeout_s - 1
+    with pytest.raises(ApiError) as error:
+        service.predict([cat_jpeg], top_k=1, arrived=stale)
+    assert error.value.code == "timeout"
+    assert service.predict([cat_jpeg], top_k=1, arrived=time.monotonic())[0]["predicted_class"]
 
 
 def test_unloadable_model_stops_start_up(tiny_bundle_path):

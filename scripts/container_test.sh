@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The real container, tested for real (`make container-test`; minutes and gigabytes, so not part of `make test`):
+# build the image, `compose up` with the monitoring profile on free ports, wait for the api to be healthy,
+# /predict a real photo, check that Prometheus scraped the api, stop the api with SIGTERM (exit status 0),
+# and tear everything down, volumes included. Needs a Docker engine; on the project's offline machines
+# OFFLINE_DOCKER (../shared/tools/offline-docker.sh) provides one with local stand-ins for the base images.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PROJECT=${PROJECT:-petclf-container-test}
+IMAGE=pet-classifier:latest
+PHOTO=tests/data/chelsea.jpg
+TRAIN_ARGS=${TRAIN_ARGS:---epochs 3}  # the container is under test, not the model: a short demo training
+say() { echo "container-test: $*"; }
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+if [ -n "${OFFLINE_DOCKER:-}" ] && [ -x "$OFFLINE_DOCKER" ]; then
+    "$OFFLINE_DOCKER"
+fi
+if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
+say "using $("${compose[@]}" version --short 2>/dev/null || "${compose[@]}" version | head -n 1)"
+API_PORT=$(free_port)
+PROMETHEUS_PORT=$(free_port)
+TRAIN_DATA_DIR=$(mktemp -d)  # empty: the train service makes its demo data, whatever ./data holds here
+chmod 755 "$TRAIN_DATA_DIR"
+export API_PORT PROMETHEUS_PORT TRAIN_ARGS TRAIN_DATA_DIR
+dc() { "${compose[@]}" -p "$PROJECT" --profile monitoring "$@"; }
+cleanup() {
+    status=$?
+    if [ "$status" -ne 0 ]; then dc logs --tail 60 || true; fi
+    say "tearing down (containers, network, volumes)"
+    dc down --volumes --remove-orphans >/dev/null 2>&1 || true
+    rmdir "$TRAIN_DATA_DIR" 2>/dev/null || true
+    exit "$status"
+}
+trap cleanup EXIT
+
+started=$(date +%s)
+say "building $IMAGE (DOCKER_BUILDKIT=0)"
+DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" . >/dev/null
+say "image $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.1f GB", $1 / 1e9}'), built in $(($(date +%s) - started)) s"
+
+say "compose up (api on :$API_PORT, prometheus on :$PROMETHEUS_PORT; train runs first)"
+dc up -d --no-build
+api=$(dc ps -q api)
+for _ in $(seq 600); do
+    health=$(docker inspect -f '{{.State.Health.Status}}' "$api")
+    [ "$health" = healthy ] && break
+    [ "$(docker inspect -f '{{.State.Status}}' "$api")" = exited ] && { say "api exited"; exit 1; }
+    sleep 2
+done
+[ "$health" = healthy ] || { say "api not healthy after 20 minutes ($health)"; exit 1; }
+say "api healthy after $(($(date +%s) - started)) s in all"
+
+answer=$(curl -sS --fail -F "image=@$PHOTO" "http://127.0.0.1:$API_PORT/predict")
+python3 -c 'import json, sys; r = json.loads(sys.argv[1]); print("container-test: /predict ->", r["predicted_class"], r["confidence"], r["model_version"])' "$answer"
+
+say "reloading: kill -HUP to gunicorn's master (PID 1 in the container)"
+docker kill --signal HUP "$api" >/dev/null
+for _ in $(seq 90); do docker logs "$api" 2>&1 | grep -q "generation 2 is ready" && break; sleep 2; done
+docker logs "$api" 2>&1 | grep -q "generation 2 is ready" || { say "the reload never completed"; exit 1; }
+curl -sS --fail -o /dev/null -F "image=@$PHOTO" "http://127.0.0.1:$API_PORT/predict"
+say "reloaded: generation 2 serves"
+
+query="http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query?query=petclf_model_info"
+for _ in $(seq 60); do
+    scraped=$(curl -sS "$query" | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["data"]["result"]))' || echo 0)
+    [ "$scraped" -gt 0 ] && break
+    sleep 2
+done
+[ "$scraped" -gt 0 ] || { say "prometheus never scraped petclf_model_info from the api"; exit 1; }
+say "prometheus scraped the api: $(curl -sS "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query?query=up" | python3 -c 'import json, sys; print([(r["metric"]["instance"], r["value"][1]) for r in json.load(sys.stdin)["data"]["result"]])')"
+
+say "stopping the api with SIGTERM"
+docker stop --time 60 "$api" >/dev/null
+code=$(docker inspect -f '{{.State.ExitCode}}' "$api")
+docker logs "$api" 2>&1 | grep -q "draining" || { say "no drain in the api's log"; exit 1; }
+[ "$code" = 0 ] || { say "api exited with $code after SIGTERM"; exit 1; }
+say "api drained and exited 0"
+say "PASSED in $(($(date +%s) - started)) s"
