@@ -16,12 +16,13 @@ COPY requirements.txt /tmp/requirements.txt
 RUN grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt \
     && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt \
     && pip install -r /tmp/requirements.txt
-# The project itself (packages app and models), after the heavy layer so code changes rebuild in seconds.
+# The project itself (packages app and models) as a wheel, installed in the runtime stage: a code change then
+# rebuilds a layer of kilobytes instead of copying the 6 GB virtual environment again.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app/ app/
 COPY models/ models/
-RUN pip install --no-deps .
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="pet-classifier" \
@@ -38,6 +39,8 @@ RUN groupadd --system --gid 10001 app \
     && mkdir -p /models /data /cache/torch \
     && chown app:app /models /cache/torch
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /wheels /tmp/wheels
+RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 WORKDIR /srv/app
 COPY --chown=app:app scripts/ scripts/
 COPY --chown=app:app gunicorn.conf.py ./
