@@ -32,10 +32,11 @@ def _settings():
         server, app = load_server_settings(), load_settings()
     except ConfigError as error:
         sys.exit(f"configuration error: {error}")
-    if not os.path.isfile(app.model_path):
+    missing = [path for path in app.model_paths if not os.path.isfile(path)]
+    if missing:
         # Workers would each fail with a traceback; one line from the master says it better.
         sys.exit(
-            f"configuration error: MODEL_PATH={app.model_path!r} is not a file; "
+            f"configuration error: MODEL_PATH={missing[0]!r} is not a file; "
             "train a bundle first (make model, or python scripts/train.py --output PATH)"
         )
     return server, app

@@ -15,9 +15,11 @@ from app.config import Settings
 from app.errors import ApiError
 from app.inference import Classifier, build_classifier
 from app.metrics import Metrics
-from app.schemas import PredictQuerySchema
-from models.bundle import Bundle
+from app.schemas import ExplainQuerySchema, PredictQuerySchema
+from models.ensemble import Ensemble
+from models.explain import ExplainError
 from models.images import ImageError
+from models.predictor import Output, average, tta_views
 
 log = logging.getLogger(__name__)
 EXTENSION = "petclf"  # the Service's key in app.extensions
@@ -31,12 +33,15 @@ def get_service(app: Flask) -> Service:
 class Service:
     """Model, batcher and health of one worker process."""
 
-    def __init__(self, settings: Settings, bundle: Bundle, device: torch.device, metrics: Metrics):
+    def __init__(self, settings: Settings, bundle: Ensemble, device: torch.device, metrics: Metrics):
         self.settings = settings
-        self.bundle = bundle
+        self.bundle = bundle  # one bundle or several (MODEL_PATH=a.pt,b.pt); reads like a models.bundle.Bundle
         self.device = device
         self.metrics = metrics
         self.query_schema = PredictQuerySchema(num_classes=len(bundle.class_names))
+        self.explain_schema = ExplainQuerySchema(num_classes=len(bundle.class_names), class_names=bundle.class_names)
+        # /explain runs in the request thread, outside the batcher; this bounds how many run at once.
+        self._explain_slots = threading.BoundedSemaphore(settings.explain_concurrency)
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher | None = None
         self.load_error: str | None = None
@@ -103,16 +108,38 @@ class Service:
 
     # Prediction: preprocess -> batch -> postprocess -> metrics
 
-    def predict(self, images: list[bytes], top_k: int, include_probabilities: bool = True) -> list[dict]:
-        """Image bytes -> prediction documents, in order; raises ApiError (not ready, full, timeout) or ImageError."""
+    def predict(
+        self, images: list[bytes], top_k: int, include_probabilities: bool = True, tta: str = "none"
+    ) -> list[dict]:
+        """Image bytes -> prediction documents, in order; raises ApiError (not ready, full, timeout) or ImageError.
+
+        With tta='flip' every image is two batch items (itself and its mirror), averaged after the batcher.
+        """
         classifier, batcher = self._ready()
-        tensors = self._preprocess(classifier, images)
-        results = [
-            classifier.postprocess(probs, top_k, include_probabilities) for probs in self._compute(batcher, tensors)
-        ]
+        views = [tta_views(tensor, tta) for tensor in self._preprocess(classifier, images)]
+        rows = iter(self._compute(batcher, [view for image_views in views for view in image_views]))
+        merged = [average([next(rows) for _ in image_views]) for image_views in views]
+        results = [classifier.postprocess(output, top_k, include_probabilities) for output in merged]
         for result in results:
-            self.metrics.predicted(result["predicted_class"])
+            self.metrics.predicted(result["predicted_class"], result["unknown"])
         return results
+
+    def explain(self, image: bytes, class_name: str | None = None, top_k: int = 5) -> tuple[bytes, dict]:
+        """Grad-CAM of one image: (PNG of the heat over the image, the prediction); ApiError when busy.
+
+        Runs in the calling thread, never in the batcher, at most EXPLAIN_CONCURRENCY at a time per worker.
+        """
+        classifier, _ = self._ready()
+        if not self._explain_slots.acquire(blocking=False):
+            limit = self.settings.explain_concurrency
+            raise ApiError("explain_busy", f"{limit} explanation(s) already running (EXPLAIN_CONCURRENCY={limit})")
+        try:
+            png, result = classifier.explain(image, class_name, top_k)
+        except ExplainError as error:
+            raise ApiError("explain_unsupported", str(error)) from error
+        finally:
+            self._explain_slots.release()
+        return png, result
 
     def _ready(self) -> tuple[Classifier, MicroBatcher]:
         # A draining worker still predicts: requests already on their way must be answered.
@@ -144,8 +171,8 @@ class Service:
             raise ApiError("queue_full" if isinstance(error, QueueFull) else "not_ready", str(error)) from error
         return futures
 
-    def _compute(self, batcher: MicroBatcher, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Probabilities for each tensor, computed by the batcher within REQUEST_TIMEOUT_S."""
+    def _compute(self, batcher: MicroBatcher, tensors: list[torch.Tensor]) -> list[Output]:
+        """The Output row of each tensor, computed by the batcher within REQUEST_TIMEOUT_S."""
         futures = self._submit_all(batcher, tensors)
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:
@@ -170,9 +197,13 @@ class Service:
             "num_classes": len(bundle.class_names),
             "preprocess": bundle.preprocess,
             "metrics": bundle.metrics,
+            "calibration": bundle.calibration(),
+            "ood": bundle.ood(),
+            "members": bundle.members(),
             "device": str(self.device),
             "precision": settings.precision,
             "ready": not self.reasons(),
+            "explain_concurrency": settings.explain_concurrency,
             "batching": {
                 "max_batch_size": settings.max_batch_size,
                 "max_batch_wait_ms": settings.max_batch_wait_ms,
