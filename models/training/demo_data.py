@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # Each class is a shape; colours are drawn around a per-class hue so the task is learnable
@@ -57,6 +58,17 @@ def examples(split: str, shape: str, count: int, seed: int = 0):
     """(image, shape box) pairs exactly as make_demo_data writes DIR/split/shape/ (before JPEG encoding)."""
     rng = random.Random(f"{seed}/{split}/{list(CLASSES).index(shape)}")
     return [make_example(shape, rng) for _ in range(count)]
+
+
+def noise_image(seed: int) -> Image.Image:
+    """An unrelated input: uniform or Gaussian RGB noise of a random size (what `unknown` should flag)."""
+    rng = np.random.default_rng(seed)
+    height, width = rng.integers(48, 321, size=2)
+    if rng.random() < 0.5:
+        pixels = rng.integers(0, 256, size=(height, width, 3))
+    else:
+        pixels = np.clip(rng.normal(128, 60, size=(height, width, 3)), 0, 255).round()
+    return Image.fromarray(pixels.astype(np.uint8))
 
 
 def make_demo_data(out: str | Path, per_class: int = 40, val_per_class: int | None = None, seed: int = 0) -> Path:
