@@ -134,7 +134,7 @@ def unknown_rates(predictor: Predictor, preprocess: dict, loader_for, unknown_di
         files, _, _ = scan([(str(path), -1) for path in image_files(Path(unknown_dir))])
         sets[str(unknown_dir)] = ImageList(files, eval_transform(preprocess), min_size=preprocess["resize"])
     if noise:
-        sets[f"{noise} random-noise images"] = NoiseImages(noise, preprocess)
+        sets["random noise"] = NoiseImages(noise, preprocess)
     rates = {}
     for name, dataset in sets.items():
         views, _ = collect_outputs(predictor, loader_for(dataset))
