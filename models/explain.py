@@ -8,6 +8,7 @@ so the serving model can keep answering /predict from the batcher thread at the 
 from __future__ import annotations
 
 import io
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,8 +41,17 @@ class Stages:
     head: nn.Module
 
 
+_STAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Stages, built once per model
+
+
 def stages_of(model: nn.Module) -> Stages:
-    """The stages of a PetClassifier over a ResNet, MobileNet, EfficientNet or ConvNeXt backbone."""
+    """The stages of a PetClassifier over a ResNet, MobileNet, EfficientNet or ConvNeXt backbone (cached)."""
+    if model not in _STAGES:
+        _STAGES[model] = _split(model)
+    return _STAGES[model]
+
+
+def _split(model: nn.Module) -> Stages:
     backbone = getattr(model, "backbone", None)
     if backbone is not None and hasattr(backbone, "layer4"):
         b = backbone
