@@ -34,10 +34,11 @@ def _settings():
     try:
         server = load_server_settings()
         app = load_settings()
-        if not os.path.isfile(app.model_path):
+        missing = [path for path in app.model_paths if not os.path.isfile(path)]
+        if missing:
             # Workers would each fail with a traceback; one line from the master says it better.
             raise ConfigError(
-                f"MODEL_PATH={app.model_path!r} is not a file; "
+                f"MODEL_PATH={missing[0]!r} is not a file; "
                 "train a bundle first (make model, or python scripts/train.py --output PATH)"
             )
     except ConfigError as error:

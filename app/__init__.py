@@ -17,7 +17,7 @@ from app.openapi import build_spec
 from app.routes import bp
 from app.service import EXTENSION, Service, get_service
 from app.v2 import register as register_v2
-from models.bundle import load_bundle
+from models.ensemble import load_ensemble
 
 __all__ = ["ConfigError", "Settings", "create_app", "get_service"]
 
@@ -59,8 +59,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     """
     settings = load_settings(overrides=test_config)
     _configure_logging(settings.log_level)
-    # Fail fast: a bad bundle or an unusable DEVICE/PRECISION stops the worker (and gunicorn) at boot.
-    bundle = load_bundle(settings.model_path)
+    # Fail fast: a bad bundle, members that disagree or an unusable DEVICE/PRECISION stop the worker at boot.
+    bundle = load_ensemble(settings.model_paths)
     device = serving_device(settings)
     app = Flask(__name__)
     app.json.sort_keys = False  # keep class order in all_probabilities

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
 from models.bundle import DEFAULT_BUNDLE_PATH
+from models.ensemble import PATH_SEPARATOR, parse_paths
 from models.images import DEFAULT_MAX_PIXELS
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -44,11 +45,17 @@ class Settings:
     model_name: str = "pet-classifier"  # the name the Open Inference Protocol (/v2) serves the model under
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty = no authentication; never printed
     metrics_public: bool = True
+    explain_concurrency: int = 1
 
     @property
     def max_upload_bytes(self) -> int:
         """MAX_UPLOAD_MB in bytes (Flask's MAX_CONTENT_LENGTH)."""
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def model_paths(self) -> tuple[str, ...]:
+        """MODEL_PATH as a list: one bundle, or several separated by commas (an ensemble)."""
+        return parse_paths(self.model_path)
 
 
 def _number(kind: type, low: float, high: float) -> Callable[[str, object], object]:
@@ -91,11 +98,14 @@ def _model_name(name: str, raw: object) -> str:
     return value
 
 
-def _path(name: str, raw: object) -> str:
+def _paths(name: str, raw: object) -> str:
     value = str(raw).strip()
     if not value:
         raise ConfigError(f"{name} is empty: set it to the path of a model bundle")
-    return value
+    try:
+        return PATH_SEPARATOR.join(parse_paths(value))
+    except ValueError as error:
+        raise ConfigError(f"{name}={raw!r} is invalid: {error}") from error
 
 
 def _flag(name: str, raw: object) -> bool:
@@ -138,7 +148,7 @@ def _api_keys(name: str, raw: object) -> tuple[str, ...]:
 
 
 PARSERS: dict[str, Callable[[str, object], object]] = {
-    "model_path": _path,
+    "model_path": _paths,
     "device": _device,
     "precision": _choice(PRECISIONS),
     "max_batch_size": _number(int, 1, 1024),
@@ -153,6 +163,7 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
     "model_name": _model_name,
     "api_keys": _api_keys,
     "metrics_public": _flag,
+    "explain_concurrency": _number(int, 1, 64),
 }
 
 

@@ -31,12 +31,14 @@ STATUS = {
     "unsupported_media_type": 415,
     "unsupported_format": 415,
     "internal_error": 500,
+    "explain_unsupported": 501,
     "not_ready": 503,
     "queue_full": 503,
+    "explain_busy": 503,
     "timeout": 504,
 }
 ERROR_FORMS = "petclf.error_forms"  # app.extensions key: [(URL prefix, render)] from register_error_form
-RETRY_AFTER_S = 1  # for 503s: the condition (warm-up, a full queue) passes within about a second
+RETRY_AFTER_S = 1  # for 503s: the condition (warm-up, a full queue, a running explanation) passes within seconds
 HTTP_CODES = {
     400: "bad_request",
     404: "not_found",

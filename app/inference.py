@@ -7,8 +7,10 @@ import logging
 import torch
 
 from app.config import ConfigError, Settings
-from models.bundle import Bundle
+from models.ensemble import Ensemble
+from models.explain import grad_cam, overlay, png_bytes
 from models.images import decode_image
+from models.predictor import Output, Predictor
 from models.runtime import DeviceError, Runtime, resolve_device, top_k
 from models.transforms import eval_transform
 
@@ -29,56 +31,69 @@ def serving_device(settings: Settings) -> torch.device:
 
 
 class Classifier:
-    """One bundle's model on one device, with its transform and labels prepared once."""
+    """The served model (one bundle or an ensemble) on one device, with its transform and labels prepared once."""
 
-    def __init__(self, model: torch.nn.Module, bundle: Bundle, runtime: Runtime, max_pixels: int):
-        self.model = model
-        self.runtime = runtime
-        self.device = runtime.device
-        self.version = bundle.version
-        self.class_names = tuple(bundle.class_names)
-        self.crop = bundle.preprocess["crop"]
-        self.min_size = bundle.preprocess["resize"]
+    def __init__(self, predictor: Predictor, ensemble: Ensemble, max_pixels: int):
+        self.predictor = predictor
+        self.runtime = predictor.runtime
+        self.device = predictor.runtime.device
+        self.version = ensemble.version
+        self.class_names = tuple(ensemble.class_names)
+        self.preprocess_config = ensemble.preprocess
+        self.crop = ensemble.preprocess["crop"]
+        self.min_size = ensemble.preprocess["resize"]
         self.max_pixels = max_pixels
-        self.transform = eval_transform(bundle.preprocess)
+        self.transform = eval_transform(ensemble.preprocess)
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Untrusted bytes -> normalised (3, crop, crop) float tensor; raises models.images.ImageError."""
         image = decode_image(data, self.max_pixels, min_size=self.min_size)
         return self.transform(image)
 
-    def inference(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, classes) float32 probabilities on the CPU, in one forward pass."""
-        return self.runtime.probabilities(self.model, batch)
+    def inference(self, batch: torch.Tensor) -> Output:
+        """(B, 3, H, W) -> calibrated probabilities and OOD scores on the CPU: one forward pass per member."""
+        return self.predictor(batch)
 
-    def postprocess(self, probs: torch.Tensor, k: int, include_probabilities: bool = True) -> dict:
-        """One row of probabilities -> the prediction document."""
-        values = probs.tolist()
+    def postprocess(self, output: Output, k: int, include_probabilities: bool = True) -> dict:
+        """One image's Output (its views already averaged) -> the prediction document."""
+        values = output.probs[0].tolist()
         ranked = top_k(values, self.class_names, k)
+        score = None if output.ood_scores is None else output.ood_scores[0].item()
         result = {
             "predicted_class": ranked[0]["label"],
             "confidence": ranked[0]["probability"],
             "top_k": ranked,
+            "unknown": self.predictor.is_unknown(score),
+            "ood_score": score,
             "model_version": self.version,
         }
         if include_probabilities:
             result["all_probabilities"] = dict(zip(self.class_names, values, strict=True))
         return result
 
+    def explain(self, data: bytes, class_name: str | None, k: int) -> tuple[bytes, dict]:
+        """Untrusted bytes -> (PNG of the Grad-CAM heat over the image at its own size, the prediction document)."""
+        tensor = self.preprocess(data)  # exactly what /predict computes on
+        picture = decode_image(data, self.max_pixels)  # full resolution, for the overlay
+        class_index = None if class_name is None else self.class_names.index(class_name)
+        heat, output = grad_cam(self.predictor, tensor, class_index)
+        result = self.postprocess(output, k)
+        result["explained_class"] = class_name or result["predicted_class"]
+        return png_bytes(overlay(picture, heat, self.preprocess_config)), result
+
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
         """Forward passes at the given batch sizes, so the first requests do not pay for lazy initialisation."""
-        for size in batch_sizes:
-            self.inference(torch.zeros(size, 3, self.crop, self.crop))
-        self.runtime.synchronize()
+        self.predictor.warmup(batch_sizes, self.crop)
 
 
-def build_classifier(settings: Settings, bundle: Bundle, device: torch.device) -> Classifier:
-    """Size CPU threads and build the bundle's model on `device`: the slow part of start-up."""
+def build_classifier(settings: Settings, ensemble: Ensemble, device: torch.device) -> Classifier:
+    """Size CPU threads and build every member's model on `device`: the slow part of start-up."""
     torch.set_num_threads(settings.torch_threads)
     amp = "none" if settings.precision == "fp32" else settings.precision
     runtime = Runtime(device, amp=amp, channels_last=device.type == "cuda")
-    model = runtime.place(bundle.build_model(device))
-    # The model holds its own copy of the weights now; drop the bundle's to halve resident memory.
-    bundle.state_dict = {}
-    log.info("model %s (%s) on %s, precision %s", bundle.version, bundle.arch, device, settings.precision)
-    return Classifier(model, bundle, runtime, settings.max_image_pixels)
+    predictor = Predictor.from_ensemble(ensemble, runtime)
+    for bundle in ensemble.bundles:
+        # The model holds its own copy of the weights now; drop the bundle's to halve resident memory.
+        bundle.state_dict = {}
+    log.info("model %s (%s) on %s, precision %s", ensemble.version, ensemble.arch, device, settings.precision)
+    return Classifier(predictor, ensemble, settings.max_image_pixels)

@@ -45,6 +45,7 @@ class Metrics(BatchObserver):
         )
         self.rejected = Counter(f"{PREFIX}_rejected_requests", "Refused requests", ["reason"], registry=reg)
         self.predictions = Counter(f"{PREFIX}_predictions", "Predictions by top class", ["class"], registry=reg)
+        self.unknown = Counter(f"{PREFIX}_unknown", "Predictions flagged unknown (out of distribution)", registry=reg)
         self.model_info = Gauge(
             f"{PREFIX}_model_info", "Live workers serving this model", ["version", "arch", "device"],
             multiprocess_mode="livesum", registry=reg,
@@ -68,9 +69,11 @@ class Metrics(BatchObserver):
         """Count a refused request by reason (the error code)."""
         self.rejected.labels(reason).inc()
 
-    def predicted(self, label: str) -> None:
-        """Count one prediction of `label`."""
+    def predicted(self, label: str, unknown: bool = False) -> None:
+        """Count one prediction of `label`, and whether it was flagged unknown."""
         self._by_class[label].inc()
+        if unknown:
+            self.unknown.inc()
 
     def set_model(self, version: str, arch: str, device: str, live: bool = True) -> None:
         """Publish the model-info gauge once the model is warm (1), or leave it when the worker drains (0)."""

@@ -24,7 +24,10 @@ def _errors(*statuses: int) -> dict:
         401: "Missing or invalid API key (only when API_KEYS is set)",
         413: "Too many bytes (MAX_UPLOAD_MB) or pixels (MAX_IMAGE_PIXELS)",
         415: "Unsupported content type or image format",
-        503: "Not ready or queue full; see Retry-After",
+        501: "The model's architecture cannot be explained (Grad-CAM supports ResNet, MobileNet, EfficientNet,"
+        " ConvNeXt)",
+        503: "Not ready, queue full, or (for /explain) EXPLAIN_CONCURRENCY explanations already running;"
+        " see Retry-After",
         504: "REQUEST_TIMEOUT_S passed before the prediction ran",
     }
     return {str(status): {"description": meaning[status], **ERROR} for status in statuses}
@@ -42,6 +45,22 @@ def _predict_operation(summary: str, body: dict, response: str) -> dict:
     }
 
 
+def _explain_operation(body: dict) -> dict:
+    explained = {
+        "description": "The Grad-CAM heat map for the class, blended over the image at the image's own size"
+        " (PNG); with format=json, the prediction plus that PNG in base64",
+        "content": {"image/png": {"schema": _BINARY}, "application/json": {"schema": "Explanation"}},
+    }
+    return {
+        "summary": "Explain one prediction: which part of the image drove the class's score (Grad-CAM)",
+        "description": "Runs outside the micro-batcher, at most EXPLAIN_CONCURRENCY per worker at once; more"
+        " concurrent explanations are answered 503 explain_busy with Retry-After, so /predict never waits for them.",
+        "parameters": [{"in": "query", "schema": schemas.ExplainQuerySchema}],
+        "requestBody": {"required": True, "content": body},
+        "responses": {"200": explained, **_errors(400, 413, 415, 501, 503)},
+    }
+
+
 def _json_get(summary: str, schema: str, *, not_ready: bool = False) -> dict:
     responses = {"200": {"description": summary, "content": {"application/json": {"schema": schema}}}}
     if not_ready:
@@ -55,7 +74,7 @@ def build_spec(version: str, public_paths: set[str] | None = None) -> dict:
     With `public_paths` (API_KEYS is set), every other operation requires `Authorization: Bearer <key>`.
     """
     spec = APISpec(title=TITLE, version=version, openapi_version="3.0.3", plugins=[MarshmallowPlugin()])
-    for name in ("Prediction", "BatchPrediction", "Error", "Health", "ModelInfo", "Base64Image"):
+    for name in ("Prediction", "BatchPrediction", "Explanation", "Error", "Health", "ModelInfo", "Base64Image"):
         spec.components.schema(name, schema=getattr(schemas, f"{name}Schema"))
     single_body = {
         "multipart/form-data": {"schema": _IMAGE_BODY},
@@ -69,6 +88,7 @@ def build_spec(version: str, public_paths: set[str] | None = None) -> dict:
         "/predict/batch": {
             "post": _predict_operation("Classify several images, in order", batch_body, "BatchPrediction")
         },
+        "/explain": {"post": _explain_operation(single_body)},
         "/model": _json_get("The served model", "ModelInfo"),
         "/livez": _json_get("The process answers", "Health"),
         "/readyz": _json_get("Ready for traffic", "Health", not_ready=True),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from app.errors import RETRY_AFTER_S
 from app.inputs import batch_images, single_image
 from app.lifecycle import arrival_time
-from app.schemas import BatchPredictionSchema, HealthSchema, ModelInfoSchema, PredictionSchema
+from app.schemas import BatchPredictionSchema, ExplanationSchema, HealthSchema, ModelInfoSchema, PredictionSchema
 from app.service import Service, get_service
 
 bp = Blueprint("api", __name__)
@@ -15,6 +17,7 @@ prediction_schema = PredictionSchema()
 batch_schema = BatchPredictionSchema()
 health_schema = HealthSchema()
 model_schema = ModelInfoSchema()
+explanation_schema = ExplanationSchema()
 
 
 def service() -> Service:
@@ -39,6 +42,18 @@ def predict_batch():
     images = batch_images(request, svc.settings.max_batch_files)
     results = svc.predict(images, **options, arrived=arrival_time())
     return jsonify(batch_schema.dump({"predictions": results, "model_version": svc.bundle.version}))
+
+
+@bp.post("/explain")
+def explain():
+    """One image -> its Grad-CAM heat map over the image (PNG), or with ?format=json the prediction plus the PNG."""
+    svc = service()
+    options = svc.explain_schema.load(request.args)
+    png, result = svc.explain(single_image(request), options["class_"], options["top_k"])
+    if options["format"] == "png":
+        return Response(png, content_type="image/png")
+    result["heatmap_png"] = base64.b64encode(png).decode("ascii")
+    return jsonify(explanation_schema.dump(result))
 
 
 @bp.get("/model")

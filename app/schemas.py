@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates
 
+from models.ood import DESCRIPTIONS
+from models.predictor import TTA_MODES
+
 DEFAULT_TOP_K = 5
+EXPLAIN_FORMATS = ("png", "json")
+_OOD_SCORES = "; ".join(f"`{name}`: {text}" for name, text in DESCRIPTIONS.items())
 
 
 class PredictQuerySchema(Schema):
@@ -21,6 +26,14 @@ class PredictQuerySchema(Schema):
     include_probabilities = fields.Boolean(
         load_default=True, metadata={"description": "Include `all_probabilities`, the map of every class"}
     )
+    tta = fields.String(
+        load_default="none",
+        validate=validate.OneOf(TTA_MODES),
+        metadata={
+            "description": "Test-time augmentation: `flip` also classifies the mirrored image (a second batch item)"
+            " and averages the probabilities and OOD scores of both views"
+        },
+    )
 
     def __init__(self, num_classes: int | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -36,6 +49,34 @@ class PredictQuerySchema(Schema):
         if data["top_k"] is None:
             data["top_k"] = min(DEFAULT_TOP_K, self.num_classes or DEFAULT_TOP_K)
         return data
+
+
+class ExplainQuerySchema(PredictQuerySchema):
+    """Query options of /explain."""
+
+    class Meta:
+        unknown = EXCLUDE
+        exclude = ("tta", "include_probabilities")
+
+    class_ = fields.String(
+        data_key="class",
+        load_default=None,
+        metadata={"description": "The class to explain (a class name); default: the predicted class"},
+    )
+    format = fields.String(
+        load_default="png",
+        validate=validate.OneOf(EXPLAIN_FORMATS),
+        metadata={"description": "`png`: the heat-map image; `json`: the prediction plus the PNG in base64"},
+    )
+
+    def __init__(self, num_classes: int | None = None, class_names: list[str] | None = None, **kwargs):
+        super().__init__(num_classes=num_classes, **kwargs)
+        self.class_names = list(class_names or [])
+
+    @validates("class_")
+    def _known_class(self, value: str | None, data_key: str) -> None:
+        if value is not None and self.class_names and value not in self.class_names:
+            raise ValidationError(f"Unknown class {value!r}; valid: {', '.join(self.class_names)}.")
 
 
 class Base64ImageSchema(Schema):
@@ -60,7 +101,32 @@ class PredictionSchema(Schema):
         metadata={"description": "Every class -> probability (omitted with include_probabilities=false)"},
     )
     top_k = fields.List(fields.Nested(TopKEntrySchema), required=True, metadata={"description": "Most probable first"})
+    unknown = fields.Boolean(
+        required=True,
+        metadata={
+            "description": "True when the input looks unlike the training data (ood_score above the model's"
+            " threshold, see GET /model `ood`); always false for a model without a detector"
+        },
+    )
+    ood_score = fields.Float(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "How unusual the input looks; higher = more unusual. Which score: GET /model `ood.score`"
+            f" ({_OOD_SCORES}); an ensemble's is the mean of its members' (score - threshold) / scale, unknown"
+            " above 0. Null for a model without a detector"
+        },
+    )
     model_version = fields.String(required=True)
+
+
+class ExplanationSchema(PredictionSchema):
+    """/explain?format=json: the prediction, the explained class and the heat-map PNG."""
+
+    explained_class = fields.String(required=True, metadata={"description": "The class the heat map explains"})
+    heatmap_png = fields.String(
+        required=True, metadata={"description": "Base64 PNG: the Grad-CAM heat over the image, at the image's size"}
+    )
 
 
 class BatchPredictionSchema(Schema):
@@ -108,8 +174,25 @@ class ModelInfoSchema(Schema):
     class_names = fields.List(fields.String(), required=True)
     num_classes = fields.Integer(required=True)
     preprocess = fields.Dict()
-    metrics = fields.Dict(metadata={"description": "Validation scores recorded by training"})
+    metrics = fields.Dict(metadata={"description": "Validation scores recorded by training (one bundle)"})
+    calibration = fields.Dict(
+        metadata={
+            "description": "temperature (logits are divided by it before the softmax), ece_before / ece_after"
+            " (15-bin expected calibration error on the validation set); ensembles list it per member"
+        }
+    )
+    ood = fields.Dict(
+        allow_none=True,
+        metadata={
+            "description": "The unknown-input detector: score (which one), threshold (keeps 95% of validation"
+            " images known), direction (`higher` = more unusual); null when the model has none"
+        },
+    )
+    members = fields.List(
+        fields.Dict(), metadata={"description": "The bundles served (several for an ensemble): path, version, metrics"}
+    )
     device = fields.String(metadata={"description": "The torch device the model runs on"})
     precision = fields.String()
     ready = fields.Boolean()
+    explain_concurrency = fields.Integer(metadata={"description": "Explanations one worker runs at once"})
     batching = fields.Nested(BatchingSchema)

@@ -15,9 +15,11 @@ from app.config import Settings
 from app.errors import ApiError
 from app.inference import Classifier, build_classifier
 from app.metrics import Metrics
-from app.schemas import PredictQuerySchema
-from models.bundle import Bundle
+from app.schemas import ExplainQuerySchema, PredictQuerySchema
+from models.ensemble import Ensemble
+from models.explain import ExplainError
 from models.images import ImageError
+from models.predictor import Output, average, tta_views
 
 log = logging.getLogger(__name__)
 EXTENSION = "petclf"  # the Service's key in app.extensions
@@ -31,12 +33,15 @@ def get_service(app: Flask) -> Service:
 class Service:
     """Model, batcher and health of one worker process."""
 
-    def __init__(self, settings: Settings, bundle: Bundle, device: torch.device, metrics: Metrics):
+    def __init__(self, settings: Settings, bundle: Ensemble, device: torch.device, metrics: Metrics):
         self.settings = settings
-        self.bundle = bundle
+        self.bundle = bundle  # one bundle or several (MODEL_PATH=a.pt,b.pt); reads like a models.bundle.Bundle
         self.device = device
         self.metrics = metrics
         self.query_schema = PredictQuerySchema(num_classes=len(bundle.class_names))
+        self.explain_schema = ExplainQuerySchema(num_classes=len(bundle.class_names), class_names=bundle.class_names)
+        # /explain runs in the request thread, outside the batcher; this bounds how many run at once.
+        self._explain_slots = threading.BoundedSemaphore(settings.explain_concurrency)
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher | None = None
         self.draining = threading.Event()
@@ -91,29 +96,42 @@ class Service:
     # Prediction: preprocess -> batch -> postprocess -> metrics
 
     def predict(
-        self, images: list[bytes], top_k: int, include_probabilities: bool = True, arrived: float | None = None
+        self,
+        images: list[bytes],
+        top_k: int,
+        include_probabilities: bool = True,
+        tta: str = "none",
+        arrived: float | None = None,
     ) -> list[dict]:
         """Image bytes -> prediction documents, in order; raises ApiError (not ready, full, timeout) or ImageError.
 
+        With tta='flip' every image is two batch items (itself and its mirror), averaged after the batcher.
         `arrived` is when the server took the request (time.monotonic(); default now): REQUEST_TIMEOUT_S counts
         from then, so time spent waiting for a request thread under overload counts too.
         """
-        rows = self.probabilities(images, arrived)
-        return [self.classifier.postprocess(probs, top_k, include_probabilities) for probs in rows]
+        outputs = self.outputs(images, tta, arrived)
+        return [self.classifier.postprocess(output, top_k, include_probabilities) for output in outputs]
 
-    def probabilities(self, images: list[bytes], arrived: float | None = None) -> torch.Tensor:
-        """Image bytes -> (N, classes) probabilities in order, counted as predictions; raises ApiError or ImageError."""
+    def outputs(self, images: list[bytes], tta: str = "none", arrived: float | None = None) -> list[Output]:
+        """Image bytes -> one Output per image (its views averaged), counted as predictions; ApiError/ImageError."""
         deadline = self._deadline(arrived)
         classifier, batcher = self._ready()
         self._check_deadline(deadline)  # it waited for a thread past its deadline: answer at once, compute nothing
-        return self._counted(self._compute(batcher, self._preprocess(classifier, images), deadline))
+        views = [tta_views(tensor, tta) for tensor in self._preprocess(classifier, images)]
+        rows = iter(self._compute(batcher, [view for image_views in views for view in image_views], deadline))
+        return self._counted([average([next(rows) for _ in image_views]) for image_views in views])
+
+    def probabilities(self, images: list[bytes], arrived: float | None = None) -> torch.Tensor:
+        """Image bytes -> (N, classes) calibrated probabilities in order, counted; raises ApiError or ImageError."""
+        return torch.cat([output.probs for output in self.outputs(images, arrived=arrived)])
 
     def pixel_probabilities(self, pixels: torch.Tensor, arrived: float | None = None) -> torch.Tensor:
         """Preprocessed (N, 3, crop, crop) float32 pixels -> (N, classes) probabilities, counted; raises ApiError."""
         deadline = self._deadline(arrived)
         _, batcher = self._ready()
         self._check_pixels(pixels)
-        return self._counted(self._compute(batcher, list(pixels), deadline))
+        outputs = self._counted(self._compute(batcher, list(pixels), deadline))
+        return torch.cat([output.probs for output in outputs])
 
     def _deadline(self, arrived: float | None) -> float:
         return (time.monotonic() if arrived is None else arrived) + self.settings.request_timeout_s
@@ -132,11 +150,31 @@ class Service:
         if not torch.isfinite(pixels).all():
             raise ApiError("invalid_tensor", "pixels must be finite numbers (no NaN or infinity)")
 
-    def _counted(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        probs = torch.stack(rows)
-        for index in probs.argmax(dim=1).tolist():  # the first maximum, as top_k's ranking breaks ties
-            self.metrics.predicted(self.bundle.class_names[index])
-        return probs
+    def _counted(self, outputs: list[Output]) -> list[Output]:
+        """Count each image's top class (the first maximum, as top_k ranks ties) and unknown flag."""
+        predictor = self.classifier.predictor
+        for output in outputs:
+            score = None if output.ood_scores is None else output.ood_scores[0].item()
+            label = self.bundle.class_names[int(output.probs[0].argmax())]
+            self.metrics.predicted(label, predictor.is_unknown(score))
+        return outputs
+
+    def explain(self, image: bytes, class_name: str | None = None, top_k: int = 5) -> tuple[bytes, dict]:
+        """Grad-CAM of one image: (PNG of the heat over the image, the prediction); ApiError when busy.
+
+        Runs in the calling thread, never in the batcher, at most EXPLAIN_CONCURRENCY at a time per worker.
+        """
+        classifier, _ = self._ready()
+        if not self._explain_slots.acquire(blocking=False):
+            limit = self.settings.explain_concurrency
+            raise ApiError("explain_busy", f"{limit} explanation(s) already running (EXPLAIN_CONCURRENCY={limit})")
+        try:
+            png, result = classifier.explain(image, class_name, top_k)
+        except ExplainError as error:
+            raise ApiError("explain_unsupported", str(error)) from error
+        finally:
+            self._explain_slots.release()
+        return png, result
 
     def _ready(self) -> tuple[Classifier, MicroBatcher]:
         # A draining worker still predicts: requests already on their way must be answered.
@@ -179,8 +217,8 @@ class Service:
             raise ApiError("queue_full" if isinstance(error, QueueFull) else "not_ready", str(error)) from error
         return futures
 
-    def _compute(self, batcher: MicroBatcher, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]:
-        """Probabilities for each tensor, computed by the batcher before `deadline`."""
+    def _compute(self, batcher: MicroBatcher, tensors: list[torch.Tensor], deadline: float) -> list[Output]:
+        """The Output row of each tensor, computed by the batcher before `deadline`."""
         futures = self._submit_all(batcher, tensors, deadline)
         try:
             return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
@@ -204,9 +242,13 @@ class Service:
             "num_classes": len(bundle.class_names),
             "preprocess": bundle.preprocess,
             "metrics": bundle.metrics,
+            "calibration": bundle.calibration(),
+            "ood": bundle.ood(),
+            "members": bundle.members(),
             "device": str(self.device),
             "precision": settings.precision,
             "ready": not self.reasons(),
+            "explain_concurrency": settings.explain_concurrency,
             "batching": {
                 "max_batch_size": settings.max_batch_size,
                 "max_batch_wait_ms": settings.max_batch_wait_ms,

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import torch
 
+from models.ood import OodDetector, OodError
 from models.pet_classifier import HeadConfig, PetClassifier
 from models.transforms import validate_preprocess
 
 DEFAULT_BUNDLE_PATH = "models/pet_classifier.pt"  # where training writes and serving looks by default
 FORMAT_NAME = "pet-classifier-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added `calibration` and `ood`; version-1 bundles are upgraded on load
+READABLE_VERSIONS = (1, 2)
 REQUIRED_KEYS = ("format", "arch", "head", "class_names", "preprocess", "state_dict", "content_hash")
+UNCALIBRATED = {"temperature": 1.0}  # what a bundle without a fitted temperature means
 
 
 class BundleError(ValueError):
@@ -37,11 +40,18 @@ class Bundle:
     content_hash: str
     metrics: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=lambda: dict(UNCALIBRATED))
+    ood: dict | None = None  # None: no detector, so nothing is flagged unknown
 
     @property
     def version(self) -> str:
         """Short content-hash version, e.g. 'sha256:1a2b3c4d5e6f'."""
         return f"sha256:{self.content_hash[:12]}"
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature: logits are divided by it before the softmax (1.0 = uncalibrated)."""
+        return float(self.calibration["temperature"])
 
     def build_model(self, device: str | torch.device = "cpu") -> PetClassifier:
         """A PetClassifier with the bundle's weights, in eval mode, on `device`."""
@@ -50,21 +60,46 @@ class Bundle:
         return model.to(device).eval()
 
 
-def content_hash(arch: str, head: dict, class_names: list, preprocess: dict, state_dict: dict) -> str:
-    """sha256 over the metadata that defines predictions and every tensor's name, dtype, shape and bytes."""
+def content_hash(
+    arch: str, head: dict, class_names: list, preprocess: dict, state_dict: dict, answers: dict | None = None
+) -> str:
+    """sha256 over the metadata that defines predictions and every tensor's name, dtype, shape and bytes.
+
+    `answers` holds the version-2 entries that change answers too (calibration, ood); None = version 1.
+    """
     digest = hashlib.sha256()
     meta = {"arch": arch, "head": head, "class_names": list(class_names), "preprocess": preprocess}
+    tensors = dict(state_dict)
+    for key, entry in (answers or {}).items():
+        entry = entry or {}
+        meta[key] = {k: v for k, v in entry.items() if not isinstance(v, torch.Tensor)}
+        tensors.update({f"{key}.{k}": v for k, v in entry.items() if isinstance(v, torch.Tensor)})
     digest.update(json.dumps(meta, sort_keys=True).encode())
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
+def _answers(raw: dict) -> dict | None:
+    """The hashed version-2 entries of a raw bundle dict (None for version 1)."""
+    if raw["format"].get("version") == 1:
+        return None
+    return {"calibration": raw.get("calibration"), "ood": raw.get("ood")}
+
+
 def _plain(value):
     """Round-trip through JSON so the bundle holds plain types only (weights_only-loadable)."""
     return json.loads(json.dumps(value, default=str))
+
+
+def _plain_entry(entry: dict | None) -> dict | None:
+    """Plain types, except tensors, which stay (contiguous, on the CPU)."""
+    if entry is None:
+        return None
+    tensors = {k: v.detach().cpu().contiguous() for k, v in entry.items() if isinstance(v, torch.Tensor)}
+    return {**_plain({k: v for k, v in entry.items() if k not in tensors}), **tensors}
 
 
 def save_bundle(
@@ -74,8 +109,10 @@ def save_bundle(
     preprocess: dict,
     metrics: dict | None = None,
     training: dict | None = None,
+    calibration: dict | None = None,
+    ood: dict | None = None,
 ) -> str:
-    """Write the bundle atomically and return its version string."""
+    """Write the bundle atomically and return its version string; calibration defaults to temperature 1."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     if len(class_names) != model.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} outputs")
@@ -91,8 +128,11 @@ def save_bundle(
         "state_dict": state_dict,
         "metrics": _plain(metrics or {}),
         "training": _plain(training or {}),
-        "content_hash": content_hash(model.arch, head, class_names, preprocess, state_dict),
+        "calibration": _plain(calibration or UNCALIBRATED),
+        "ood": _plain_entry(ood),
     }
+    fields = (model.arch, head, bundle["class_names"], bundle["preprocess"], state_dict)
+    bundle["content_hash"] = content_hash(*fields, _answers(bundle))
     atomic_save(bundle, path)
     return f"sha256:{bundle['content_hash'][:12]}"
 
@@ -126,10 +166,9 @@ def _check_format(path: Path, raw: dict) -> None:
     fmt = raw["format"]
     if fmt.get("name") != FORMAT_NAME:
         raise BundleError(f"{path} is not a model bundle: format name {fmt.get('name')!r}, expected {FORMAT_NAME!r}")
-    if fmt.get("version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{path} has bundle format version {fmt.get('version')!r}; this code reads version {FORMAT_VERSION}"
-        )
+    if fmt.get("version") not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise BundleError(f"{path} has bundle format version {fmt.get('version')!r}; this code reads {readable}")
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise BundleError(f"{path} is missing required keys {missing}")
@@ -149,11 +188,27 @@ def _check_contents(path: Path, raw: dict) -> None:
     try:
         validate_preprocess(raw["preprocess"])
         HeadConfig.from_dict(raw["head"])
+        _check_answers(raw)
     except ValueError as error:
         raise BundleError(f"{path}: {error}") from error
-    expected = content_hash(raw["arch"], raw["head"], names, raw["preprocess"], raw["state_dict"])
+    expected = content_hash(raw["arch"], raw["head"], names, raw["preprocess"], raw["state_dict"], _answers(raw))
     if expected != raw["content_hash"]:
         raise BundleError(f"{path}: content hash mismatch (file corrupted or edited after saving)")
+
+
+def _check_answers(raw: dict) -> None:
+    """Version 2: a positive finite temperature, and an ood entry a detector can be built from (or None)."""
+    if _answers(raw) is None:
+        return
+    calibration = raw.get("calibration")
+    temperature = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise ValueError(f"calibration temperature must be a positive number, got {temperature!r}")
+    if raw.get("ood") is not None:
+        try:
+            OodDetector.from_entry(raw["ood"])
+        except (OodError, RuntimeError) as error:  # RuntimeError: a precision matrix that is not positive definite
+            raise ValueError(f"unusable ood detector: {error}") from error
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -172,6 +227,9 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         content_hash=raw["content_hash"],
         metrics=raw.get("metrics") or {},
         training=raw.get("training") or {},
+        # Version 1 had neither: temperature 1 (uncalibrated) and no detector (nothing flagged unknown).
+        calibration=raw.get("calibration") or dict(UNCALIBRATED),
+        ood=raw.get("ood"),
     )
 
 

@@ -1,7 +1,7 @@
-"""Where and how tensors are computed: device choice, mixed precision, memory format, the softmax path.
+"""Where and how tensors are computed: device choice, mixed precision, memory format.
 
-Training, evaluation, offline prediction and serving all place batches and compute probabilities here,
-so they see the same numbers.
+Training, evaluation, offline prediction and serving all place batches here; models.predictor turns
+logits into calibrated probabilities for all of them.
 """
 
 from __future__ import annotations
@@ -80,14 +80,6 @@ class Runtime:
         """The model on the device, in channels-last layout when asked."""
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         return model.to(self.device, memory_format=memory_format)
-
-    def probabilities(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, classes) float32 probabilities on the CPU, in one forward pass."""
-        with torch.inference_mode():
-            with self.autocast():
-                logits = model(self.to_device(images))
-            # Softmax in float32 whatever the autocast dtype, then one device->host copy per batch.
-            return torch.softmax(logits.float(), dim=1).cpu()
 
     def synchronize(self) -> None:
         """Wait for queued GPU work (timing, warm-up); a no-op on the CPU."""

@@ -22,8 +22,9 @@ def test_round_trip_gives_identical_outputs(tiny_model, tiny_bundle_path):
 
 def test_plain_weights_only_torch_load_reads_a_bundle(tiny_bundle_path):
     raw = torch.load(tiny_bundle_path, map_location="cpu", weights_only=True)
-    assert raw["format"] == {"name": FORMAT_NAME, "version": 1}
+    assert raw["format"] == {"name": FORMAT_NAME, "version": 2}
     assert {"arch", "head", "class_names", "preprocess", "state_dict", "metrics", "training"} <= set(raw)
+    assert raw["calibration"] == {"temperature": 1.0} and raw["ood"] is None  # saved without fitting
     assert raw["preprocess"] == default_preprocess(64)
     assert raw["metrics"] == {"val_acc": 0.0}
 
@@ -62,21 +63,26 @@ def _rewrite(path, **changes):
 def _rehash(path):
     raw = torch.load(path, map_location="cpu", weights_only=True)
     fields = (raw["arch"], raw["head"], raw["class_names"], raw["preprocess"], raw["state_dict"])
-    raw["content_hash"] = content_hash(*fields)
+    answers = None if raw["format"]["version"] == 1 else {"calibration": raw["calibration"], "ood": raw["ood"]}
+    raw["content_hash"] = content_hash(*fields, answers)
     torch.save(raw, path)
 
 
 @pytest.mark.parametrize(
     ("changes", "rehash", "message"),
     [
-        ({"format": {"name": FORMAT_NAME, "version": 99}}, False, "format version 99; this code reads version 1"),
-        ({"format": {"name": "something-else", "version": 1}}, False, "format name 'something-else'"),
+        ({"format": {"name": FORMAT_NAME, "version": 99}}, False, "format version 99; this code reads 1, 2"),
+        ({"format": {"name": "something-else", "version": 2}}, False, "format name 'something-else'"),
         ({"class_names": None}, False, r"missing required keys \['class_names'\]"),
         ({"state_dict": None}, False, r"missing required keys \['state_dict'\]"),
         ({"class_names": ["a", "b", "c", "d"]}, True, "4 class names but the head has 3 outputs"),
         ({"class_names": ["a", "a", "b"]}, True, "duplicates"),
         ({"preprocess": {"resize": 8, "crop": 64}}, True, "preprocess is missing"),
         ({"class_names": ["x", "y", "z"]}, False, "content hash mismatch"),
+        ({"calibration": {"temperature": 0.5}}, False, "content hash mismatch"),  # the temperature is hashed
+        ({"calibration": {"temperature": 0.0}}, True, "temperature must be a positive number, got 0.0"),
+        ({"ood": {"score": "vibes", "threshold": 1.0}}, True, "ood score 'vibes' is not one of mahalanobis"),
+        ({"ood": {"score": "mahalanobis", "threshold": 1.0}}, True, r"needs tensors \['means', 'precision'\]"),
     ],
 )
 def test_load_refuses_bad_bundles_naming_file_and_problem(bundle_copy, changes, rehash, message):
@@ -86,6 +92,31 @@ def test_load_refuses_bad_bundles_naming_file_and_problem(bundle_copy, changes, 
     with pytest.raises(BundleError, match=message) as info:
         load_bundle(bundle_copy)
     assert str(bundle_copy) in str(info.value)
+
+
+def test_version_1_bundles_load_uncalibrated_without_a_detector(bundle_copy, tiny_model):
+    raw = torch.load(bundle_copy, map_location="cpu", weights_only=True)
+    del raw["calibration"], raw["ood"]
+    raw["format"]["version"] = 1
+    raw["content_hash"] = content_hash(
+        raw["arch"], raw["head"], raw["class_names"], raw["preprocess"], raw["state_dict"]
+    )
+    torch.save(raw, bundle_copy)
+    bundle = load_bundle(bundle_copy)
+    assert bundle.temperature == 1.0 and bundle.calibration == {"temperature": 1.0} and bundle.ood is None
+    assert bundle.version == f"sha256:{raw['content_hash'][:12]}", "a version-1 bundle keeps its version"
+
+
+def test_calibration_and_detector_change_the_version(tmp_path, tiny_model, class_names, tiny_bundle_path):
+    plain = load_bundle(tiny_bundle_path).version
+    calibrated = save_bundle(
+        tmp_path / "t.pt", tiny_model, class_names, default_preprocess(64), calibration={"temperature": 2.0}
+    )
+    ood = {"score": "energy", "threshold": -1.0, "scale": 0.5}
+    detected = save_bundle(tmp_path / "o.pt", tiny_model, class_names, default_preprocess(64), ood=ood)
+    assert len({plain, calibrated, detected}) == 3
+    assert load_bundle(tmp_path / "t.pt").temperature == 2.0
+    assert load_bundle(tmp_path / "o.pt").ood == ood
 
 
 def test_missing_file_is_refused(tmp_path):
@@ -109,7 +140,7 @@ def test_non_torch_file_is_not_a_bundle(tmp_path):
 
 def test_pickled_code_is_never_executed(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"format": {"name": FORMAT_NAME, "version": 1}, "payload": PetClassifier}, path)
+    torch.save({"format": {"name": FORMAT_NAME, "version": 2}, "payload": PetClassifier}, path)
     with pytest.raises(BundleError, match="torch.load failed"):
         load_bundle(path)
 

@@ -33,6 +33,12 @@ def test_environment_then_overrides():
     assert settings.log_level == "debug"
 
 
+def test_model_path_lists_an_ensemble():
+    settings = load_settings({"MODEL_PATH": " a.pt , b.pt "})
+    assert settings.model_paths == ("a.pt", "b.pt") and settings.model_path == "a.pt,b.pt"
+    assert load_settings({}).model_paths == ("models/pet_classifier.pt",)
+
+
 def test_empty_values_mean_default():
     assert load_settings({"MAX_QUEUE": ""}).max_queue == Settings().max_queue
 
@@ -64,6 +70,9 @@ def test_torch_threads_split_cores_between_workers():
         ("MODEL_NAME", "pets/v1", "letters, digits, '.', '_' or '-'"),
         ("MODEL_NAME", "-pets", "starting with a letter or digit"),
         ("MODEL_NAME", "sha256:1a2b", "letters, digits"),
+        ("MODEL_PATH", "a.pt,,b.pt", "empty bundle path"),
+        ("MODEL_PATH", "a.pt,a.pt", "listed more than once"),
+        ("EXPLAIN_CONCURRENCY", "0", "[1, 64]"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, hint):
@@ -106,9 +115,11 @@ def _check_config(env: dict) -> subprocess.CompletedProcess:
     [
         ({"MAX_BATCH_SIZE": "0"}, "MAX_BATCH_SIZE='0' is invalid: must be an integer in [1, 1024]"),
         ({"MODEL_PATH": "/no/such/bundle.pt"}, "MODEL_PATH='/no/such/bundle.pt' is not a file; train a bundle first"),
+        ({"MODEL_PATH": "{tiny},/no/such/b.pt"}, "MODEL_PATH='/no/such/b.pt' is not a file"),  # every member
     ],
 )
-def test_gunicorn_config_refuses_bad_settings_before_forking(tmp_path, env, message):
+def test_gunicorn_config_refuses_bad_settings_before_forking(tmp_path, tiny_bundle_path, env, message):
+    env = {key: value.format(tiny=tiny_bundle_path) for key, value in env.items()}
     result = _check_config({**env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
     assert result.returncode != 0
     assert message in result.stderr

@@ -7,9 +7,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from models.bundle import load_bundle
+from models.bundle import load_bundle, save_bundle
+from models.ensemble import load_ensemble
+from models.pet_classifier import PetClassifier
 from models.training.evaluation import evaluate_bundle
+from models.transforms import default_preprocess
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -24,17 +28,33 @@ def test_evaluate_writes_report_and_confusion_png(tmp_path, trained_bundle_path,
     assert set(saved["per_class"]) == set(class_names)
     assert {"precision", "recall", "f1", "support"} <= set(saved["per_class"]["circle"])
     assert (out / "confusion.png").read_bytes().startswith(b"\x89PNG")
-    # Same images, same transform and decoder as training's validation: the same accuracy.
-    assert report["accuracy"] == pytest.approx(load_bundle(trained_bundle_path).metrics["best_val_acc"])
+    assert (out / "reliability.png").read_bytes().startswith(b"\x89PNG")
+    # Same images, same transform and decoder as training's validation: the same accuracy and calibration.
+    bundle = load_bundle(trained_bundle_path)
+    assert report["accuracy"] == pytest.approx(bundle.metrics["best_val_acc"])
+    calibration = saved["calibration"]
+    assert calibration["ece_before"] == pytest.approx(bundle.calibration["ece_before"], abs=1e-4)
+    assert calibration["ece_after"] == pytest.approx(bundle.calibration["ece_after"], abs=1e-4)
+    assert calibration["temperatures"] == [bundle.temperature] and len(calibration["reliability_after"]) == 15
+    assert saved["unknown_fraction"] <= 0.05, "the threshold keeps 95% of these validation images known"
+    assert list(saved["tta"]) == ["none"]
 
 
-def test_the_script_prints_the_summary(tmp_path, tiny_bundle_path, demo_data):
-    argv = ["--model", str(tiny_bundle_path), "--data-dir", str(demo_data), "--out", str(tmp_path), "--workers", "0"]
+def test_the_script_evaluates_an_ensemble_with_tta(tmp_path, tiny_bundle_path, demo_data, class_names):
+    torch.manual_seed(11)
+    second = tmp_path / "second.pt"
+    save_bundle(second, PetClassifier(3, arch="resnet18").eval(), class_names, default_preprocess(64))
+    argv = ["--model", str(tiny_bundle_path), "--model", str(second), "--data-dir", str(demo_data)]
+    argv += ["--out", str(tmp_path / "out"), "--workers", "0", "--tta", "flip"]
     result = subprocess.run(
         [sys.executable, "scripts/evaluate.py", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "12 images, accuracy" in result.stdout and "report.json" in result.stdout
+    assert "calibration (15-bin ECE)" in result.stdout and "tta flip: accuracy" in result.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["tta"]) == {"none", "flip"} and report["calibration"]["temperatures"] == [1.0, 1.0]
+    assert report["version"] == load_ensemble([str(tiny_bundle_path), str(second)]).version
     bad = subprocess.run(
         [sys.executable, "scripts/evaluate.py", *argv, "--device", "cuda:7"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,

@@ -17,6 +17,7 @@ EXPECTED_FAMILIES = {
     "petclf_queue_depth",
     "petclf_rejected_requests",
     "petclf_predictions",
+    "petclf_unknown",
     "petclf_model_info",
 }
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import base64
 import io
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from app import create_app, get_service
 from app.errors import ApiError
 from app.inference import Classifier
-from models.bundle import BundleError, load_model
+from models.bundle import BundleError, load_model, save_bundle
+from models.pet_classifier import PetClassifier
+from models.transforms import default_preprocess
 from tests.conftest import PHOTOS
 from tests.fixtures.server import PHOTO_NAMES, reference_probabilities
 
@@ -24,6 +28,7 @@ def check_prediction(result: dict, class_names: list[str], top_k: int = 3) -> No
     assert result["confidence"] == probs[result["predicted_class"]]
     assert [entry["label"] for entry in result["top_k"]] == sorted(probs, key=probs.get, reverse=True)[:top_k]
     assert result["model_version"].startswith("sha256:")
+    assert result["unknown"] is False and result["ood_score"] is None  # the tiny bundle has no detector
 
 
 @pytest.mark.parametrize("form", ["multipart", "raw", "base64", "data-url"])
@@ -79,6 +84,65 @@ def test_model_info(client, class_names, tiny_bundle_path):
     assert info["metrics"] == {"val_acc": 0.0}
     assert info["batching"]["max_batch_files"] == 4
     assert info["version"] == load_model(tiny_bundle_path)[1].version
+    assert info["calibration"] == {"temperature": 1.0} and info["ood"] is None
+    assert [m["version"] for m in info["members"]] == [info["version"]] and info["explain_concurrency"] == 1
+
+
+def test_tta_flip_averages_the_image_and_its_mirror(client, cat_jpeg, tiny_bundle_path):
+    plain = client.post("/predict", data=cat_jpeg, content_type="image/jpeg").get_json()
+    flipped = client.post("/predict?tta=flip", data=cat_jpeg, content_type="image/jpeg").get_json()
+    expected = reference_probabilities(tiny_bundle_path, cat_jpeg, flip=True)
+    assert list(flipped["all_probabilities"].values()) == pytest.approx(expected, abs=1e-4)
+    assert flipped["all_probabilities"] != plain["all_probabilities"]
+    none = client.post("/predict?tta=none", data=cat_jpeg, content_type="image/jpeg").get_json()
+    assert none["all_probabilities"] == plain["all_probabilities"]
+
+
+@pytest.fixture
+def calibrated_bundle(tmp_path, class_names) -> Path:
+    """Another tiny model, calibrated with temperature 2 and with an energy-score detector."""
+    torch.manual_seed(5)
+    path = tmp_path / "calibrated.pt"
+    ood = {"score": "energy", "threshold": -1.0, "scale": 0.5}
+    model = PetClassifier(len(class_names), arch="resnet18").eval()
+    save_bundle(path, model, class_names, default_preprocess(64), calibration={"temperature": 2.0}, ood=ood)
+    return path
+
+
+def test_an_ensemble_serves_the_average_of_its_calibrated_members(
+    app_factory, tiny_bundle_path, calibrated_bundle, cat_jpeg
+):
+    client = app_factory(f"{tiny_bundle_path},{calibrated_bundle}").test_client()
+    result = client.post("/predict", data=cat_jpeg, content_type="image/jpeg").get_json()
+    members = [reference_probabilities(path, cat_jpeg) for path in (tiny_bundle_path, calibrated_bundle)]
+    assert list(result["all_probabilities"].values()) == pytest.approx(
+        [(a + b) / 2 for a, b in zip(*members, strict=True)], abs=1e-4
+    )
+    info = client.get("/model").get_json()
+    versions = [load_model(path)[1].version for path in (tiny_bundle_path, calibrated_bundle)]
+    assert [m["version"] for m in info["members"]] == versions and info["version"] not in versions
+    assert info["arch"] == "ensemble(resnet18,resnet18)" and result["model_version"] == info["version"]
+    assert info["ood"] is None and result["unknown"] is False  # one member has no detector
+
+
+def test_a_calibrated_bundle_reports_its_score(app_factory, calibrated_bundle, cat_jpeg):
+    client = app_factory(calibrated_bundle).test_client()
+    result = client.post("/predict", data=cat_jpeg, content_type="image/jpeg").get_json()
+    expected = reference_probabilities(calibrated_bundle, cat_jpeg)
+    assert list(result["all_probabilities"].values()) == pytest.approx(expected, abs=1e-4)
+    assert isinstance(result["ood_score"], float) and result["unknown"] is (result["ood_score"] > -1.0)
+    info = client.get("/model").get_json()
+    assert info["calibration"] == {"temperature": 2.0}
+    assert (
+        info["ood"]["score"] == "energy" and info["ood"]["threshold"] == -1.0 and info["ood"]["direction"] == "higher"
+    )
+
+
+def test_ensemble_members_must_agree(tmp_path, tiny_bundle_path, tiny_model):
+    other = tmp_path / "other.pt"
+    save_bundle(other, tiny_model, ["cat", "dog", "fox"], default_preprocess(64))
+    with pytest.raises(BundleError, match="ensemble members disagree on class_names"):
+        create_app({"MODEL_PATH": f"{tiny_bundle_path},{other}"})
 
 
 def test_health(client):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from models.bundle import load_model
 from models.images import load_image
 from models.training.config import SettingError, TrainConfig, flag_message
 from models.training.data import DataError
+from models.training.demo_data import noise_image
 from models.training.evaluation import evaluate_bundle
 from models.training.reporting import sibling
 from models.transforms import eval_transform
@@ -39,6 +41,10 @@ def test_bundle_loads_and_predicts(trained_bundle_path, training_data, class_nam
     assert set(bundle.metrics["per_class_acc"]) == set(class_names)
     assert bundle.training["arch"] == "resnet18" and bundle.training["epochs"] == 3
     assert bundle.training["class_counts"]["train"] == dict.fromkeys(class_names, 80)
+    # Fitted after the epoch loop on the 60 validation images: a temperature and an energy detector.
+    assert bundle.calibration["images"] == 60 and bundle.temperature > 0
+    assert bundle.metrics["ece_after"] == bundle.calibration["ece_after"] <= bundle.calibration["ece_before"] + 0.02
+    assert bundle.ood["score"] == "energy" and bundle.ood["keep"] == 0.95
     image = load_image(next((training_data / "val" / "circle").iterdir()))
     with torch.inference_mode():
         probs = model(eval_transform(bundle.preprocess)(image).unsqueeze(0)).softmax(dim=1)
@@ -48,12 +54,21 @@ def test_bundle_loads_and_predicts(trained_bundle_path, training_data, class_nam
 def test_the_service_reproduces_the_validation_accuracy(app_factory, trained_run, training_data):
     client = app_factory(trained_run["output"]).test_client()
     images = sorted((training_data / "val").rglob("*.jpg"))
-    correct = 0
+    correct = unknown = 0
     for path in images:
         answer = client.post("/predict", data=path.read_bytes(), content_type="image/jpeg")
         assert answer.status_code == 200, answer.json
         correct += answer.json["predicted_class"] == path.parent.name
+        unknown += answer.json["unknown"]
     assert correct / len(images) == pytest.approx(trained_run["best_val_acc"])
+    assert unknown / len(images) <= 0.05, "the threshold keeps 95% of the validation images known"
+    # Random noise (what make_demo_data never draws) is flagged far more often.
+    flagged = 0
+    for seed in range(20):
+        encoded = io.BytesIO()
+        noise_image(seed).save(encoded, format="PNG")
+        flagged += client.post("/predict", data=encoded.getvalue(), content_type="image/png").json["unknown"]
+    assert flagged / 20 >= 0.3, f"{flagged} of 20 noise images flagged unknown"
 
 
 def test_history_curves_and_checkpoint_are_written(trained_bundle_path):
@@ -167,6 +182,7 @@ def test_torchrun_two_processes_write_one_bundle(tmp_path, demo_data):
     assert result.stdout.count("epoch   1 |") == 1  # only rank 0 logs
     bundle = load_model(out_dir / "model.pt")[1]
     assert bundle.training["world_size"] == 2
+    assert bundle.calibration["images"] == 12 and bundle.ood is not None  # rank 0 saw every validation image
     # Validation was sharded over two processes and all-reduced: one process over all images agrees.
     report = evaluate_bundle(out_dir / "model.pt", demo_data, tmp_path / "eval", workers=0)
     assert report["accuracy"] == pytest.approx(bundle.metrics["val_acc"])

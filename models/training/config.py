@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from models.bundle import DEFAULT_BUNDLE_PATH
+from models.ood import SCORES
 from models.runtime import AMP_CHOICES
 from models.training.strategies import OPTIMIZERS, SCHEDULERS, STRATEGIES
 from models.transforms import AUGMENTATIONS
@@ -93,6 +94,8 @@ class TrainConfig:
     amp: str = "auto"
     sync_bn: bool = False
     seed: int = 0
+    # after training
+    ood_score: str = "energy"
 
     def __post_init__(self):
         _check_choices(self)
@@ -135,6 +138,7 @@ CHOICES = {
     "opt": OPTIMIZERS,
     "lr_scheduler": SCHEDULERS,
     "amp": AMP_CHOICES,
+    "ood_score": SCORES,
 }
 # setting -> (lowest, highest) allowed; None = unbounded on that side.
 RANGES = {

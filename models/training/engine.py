@@ -6,9 +6,9 @@ import sys
 import time
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
+from models.predictor import MemberOutput, Output, Predictor, concat, tta_views
 from models.runtime import Runtime
 from models.training.distributed import all_reduce_sum
 
@@ -84,11 +84,34 @@ def evaluate(
     return {"loss": loss_sum / count, "acc": confusion.diag().sum().item() / count, "confusion": confusion.tolist()}
 
 
-def predict_probs(model: nn.Module, loader, runtime: Runtime, progress: bool = False) -> tuple[torch.Tensor, list]:
-    """Probabilities (float32, CPU; the serving path) for every batch the loader yields, plus its second items."""
-    model.eval()
+def collect_outputs(
+    predictor: Predictor, loader, tta: str = "none", features: bool = False, progress: bool = False
+) -> tuple[list[list[MemberOutput]], torch.Tensor]:
+    """Over the whole loader, per TTA view and per member: the logits (and features), plus the labels.
+
+    One forward pass per member per view per batch; the results stay on the device for predictor.combine.
+    """
+    parts: list[list[list[MemberOutput]]] = []
+    labels = []
+    for images, targets in bar(loader, "evaluate", progress):
+        parts.append([predictor.outputs(view, features) for view in tta_views(images, tta)])
+        labels.append(targets)
+    views = len(tta_views(torch.zeros(1, 1), tta))
+    joined = [[_join([batch[v][m] for batch in parts]) for m in range(len(predictor.members))] for v in range(views)]
+    return joined, (torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64))
+
+
+def _join(outputs: list[MemberOutput]) -> MemberOutput:
+    if not outputs:
+        return MemberOutput(torch.empty(0, 0))
+    features = None if outputs[0].features is None else torch.cat([o.features for o in outputs])
+    return MemberOutput(torch.cat([o.logits for o in outputs]), features)
+
+
+def predict_outputs(predictor: Predictor, loader, tta: str = "none", progress: bool = False) -> tuple[Output, list]:
+    """The serving path's outputs (calibrated, averaged over views) for every batch, plus its second items."""
     outputs, extras = [], []
     for images, extra in bar(loader, "predict", progress):
-        outputs.append(runtime.probabilities(model, images))
+        outputs.append(predictor.predict(images, tta))
         extras.extend(extra.tolist() if isinstance(extra, torch.Tensor) else extra)
-    return (torch.cat(outputs) if outputs else torch.empty(0)), extras
+    return concat(outputs), extras

@@ -5,21 +5,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from models.images import ImageError, load_image
+from models.predictor import Output, Predictor
 from models.runtime import top_k
 from models.training.data import image_files, make_loader
-from models.training.engine import predict_probs, progress_enabled
+from models.training.engine import predict_outputs, progress_enabled
 from models.training.evaluation import default_workers, inference_setup
 from models.transforms import eval_transform
 
 FORMATS = ("csv", "json")
-CSV_FIELDS = ("file", "predicted_class", "confidence", "top_k", "error")
+CSV_FIELDS = ("file", "predicted_class", "confidence", "unknown", "ood_score", "top_k", "error")
 
 
 def input_files(inputs: list[str]) -> list[str]:
@@ -53,18 +53,23 @@ class PredictFiles(Dataset):
             return self.blank, f"{type(error).__name__}: {error}"
 
 
-def rows_for(files: list[str], probs: torch.Tensor, errors: list[str], class_names: list[str], k: int) -> list[dict]:
-    """One dict per file: predicted class, confidence and top-k (label, probability), or the error."""
+def rows_for(
+    files: list[str], output: Output, errors: list[str], class_names: list[str], k: int, predictor: Predictor
+) -> list[dict]:
+    """One dict per file: predicted class, confidence, unknown flag, OOD score and top-k, or the error."""
     rows = []
     k = max(1, min(k, len(class_names)))
-    for path, p, error in zip(files, probs, errors, strict=True):
-        top = [] if error else top_k(p.tolist(), class_names, k)
+    for path, row, error in zip(files, output, errors, strict=True):
+        top = [] if error else top_k(row.probs[0].tolist(), class_names, k)
         best = top[0] if top else {"label": None, "probability": None}
+        score = None if error or row.ood_scores is None else row.ood_scores[0].item()
         rows.append(
             {
                 "file": path,
                 "predicted_class": best["label"],
                 "confidence": best["probability"],
+                "unknown": None if error else predictor.is_unknown(score),
+                "ood_score": score,
                 "top_k": top,
                 "error": error or None,
             }
@@ -86,21 +91,25 @@ def render(rows: list[dict], fmt: str) -> str:
 
 
 def predict_files(
-    model_path: str | os.PathLike,
+    model_path,
     inputs: list[str],
     k: int = 3,
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "auto",
     amp: str = "none",
+    tta: str = "none",
 ) -> list[dict]:
-    """Predict every input file (folders searched recursively); unreadable files get an `error`, never a crash."""
+    """Predict every input file (folders searched recursively) with a bundle or an ensemble ('a.pt,b.pt' or a list).
+
+    Unreadable files get an `error`, never a crash. Probabilities are calibrated, as served.
+    """
     workers = default_workers() if workers is None else workers
-    model, bundle, runtime = inference_setup(model_path, device, amp)
+    predictor, ensemble = inference_setup(model_path, device, amp)
     files = input_files(inputs)
-    loader = make_loader(PredictFiles(files, bundle.preprocess), batch_size, workers)
-    probs, errors = predict_probs(model, loader, runtime, progress=progress_enabled(True))
-    return rows_for(files, probs, errors, bundle.class_names, k)
+    loader = make_loader(PredictFiles(files, ensemble.preprocess), batch_size, workers)
+    output, errors = predict_outputs(predictor, loader, tta, progress=progress_enabled(True))
+    return rows_for(files, output, errors, ensemble.class_names, k, predictor)
 
 
 def write_output(text: str, output: str) -> None:

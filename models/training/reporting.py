@@ -122,3 +122,28 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: str
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def plot_reliability(before: list[dict], after: list[dict], path: str | Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, before and after the temperature, with counts."""
+    fig, (ax, counts_ax) = plt.subplots(
+        2, 1, figsize=(5, 6), sharex=True, height_ratios=(3, 1), constrained_layout=True
+    )
+    width = before[0]["high"] - before[0]["low"]
+    centres = [row["low"] + width / 2 for row in before]
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    for rows, label, offset in ((before, "before", -width / 4), (after, "after (temperature)", width / 4)):
+        shown = [(c + offset, r["accuracy"]) for c, r in zip(centres, rows) if r["count"]]
+        ax.bar([x for x, _ in shown], [y for _, y in shown], width=width / 2, alpha=0.7, label=label)
+        counts_ax.bar([c + offset for c in centres], [r["count"] for r in rows], width=width / 2, alpha=0.7)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    ax.set_title(f"reliability ({len(before)} bins)")
+    counts_ax.set_xlabel("confidence of the top class")
+    counts_ax.set_ylabel("images")
+    counts_ax.set_xlim(0, 1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

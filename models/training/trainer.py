@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from models.bundle import atomic_save, save_bundle
 from models.pet_classifier import PetClassifier, imagenet_weights_cached
 from models.runtime import DeviceError, Runtime, resolve_amp
 from models.training import distributed as dist_utils
+from models.training.calibration import fit_bundle
 from models.training.config import SettingError, TrainConfig
 from models.training.data import (
     DataError,
@@ -184,9 +186,7 @@ def set_stage(state: TrainState, groups: list[str], config: TrainConfig, ctx: Co
     if groups == state.stage:
         return False
     state.model.set_trainable(groups)
-    optimizer = build_optimizer(
-        state.model, config.opt, config.base_lr, lr_mults, config.weight_decay, config.momentum
-    )
+    optimizer = build_optimizer(state.model, config.opt, config.base_lr, lr_mults, config.weight_decay, config.momentum)
     if state.optimizer is not None:
         carry_state(state.optimizer, optimizer)
     state.optimizer, state.stage = optimizer, list(groups)
@@ -313,9 +313,33 @@ def train(config: TrainConfig) -> dict:
             restore(state, data, config, ctx, lr_mults)
         world, device = ctx.dist.world_size, ctx.dist.device
         ctx.log(f"{config.arch} ({weights} weights), {config.strategy}, {world} process(es) on {device}")
-        return fit(config, state, data, ctx, lr_mults, weights)
+        summary = fit(config, state, data, ctx, lr_mults, weights)
     finally:
         dist_utils.cleanup()
+    if ctx.is_main:  # after leaving the process group: the other processes are done, nothing here is collective
+        summary["calibration"] = calibrate(config, data, ctx)
+    return summary
+
+
+def calibrate(config: TrainConfig, data: DataSplit, ctx: Context) -> dict | None:
+    """Fit temperature and OOD detector on the best epoch's bundle (all validation images) and rewrite it."""
+    if not Path(config.output).is_file():
+        ctx.log(f"no bundle at {config.output}: nothing to calibrate")
+        return None
+    preprocess = default_preprocess(config.image_size)
+    transform, pin = eval_transform(preprocess), ctx.runtime.device.type == "cuda"
+    val, reference = (
+        make_loader(
+            ImageList(samples, transform, min_size=preprocess["resize"]), config.batch_size, config.workers, pin=pin
+        )
+        for samples in (data.val, data.train)
+    )
+    calibration = fit_bundle(config.output, val, reference, ctx.runtime, config.ood_score, ctx.progress)
+    ctx.log(
+        f"calibration: temperature {calibration['temperature']:.3f}, 15-bin ECE {calibration['ece_before']:.4f} "
+        f"-> {calibration['ece_after']:.4f} on {calibration['images']} validation images; bundle {config.output}"
+    )
+    return calibration
 
 
 def save_best(config: TrainConfig, state: TrainState, data: DataSplit, ctx: Context, weights: str, row, val):
