@@ -14,6 +14,7 @@ from pathlib import Path
 from models.bundle import DEFAULT_BUNDLE_PATH
 from models.ood import SCORES
 from models.runtime import AMP_CHOICES
+from models.training.outliers import SYNTHETIC
 from models.training.strategies import OPTIMIZERS, SCHEDULERS, STRATEGIES
 from models.transforms import AUGMENTATIONS
 
@@ -94,7 +95,9 @@ class TrainConfig:
     amp: str = "auto"
     sync_bn: bool = False
     seed: int = 0
-    # after training
+    # unknown inputs: outlier exposure while training, the detector fitted after it
+    outlier_exposure: float = 0.0
+    outliers: str = "synthetic"
     ood_score: str = "energy"
 
     def __post_init__(self):
@@ -152,6 +155,7 @@ RANGES = {
     "mixup_alpha": (0.0, None),
     "cutmix_alpha": (0.0, None),
     "label_smoothing": (0.0, 0.999),
+    "outlier_exposure": (0.0, None),
     "warmup_epochs": (0.0, None),
     "lr_step_size": (1, None),
     "plateau_patience": (0, None),
@@ -178,6 +182,8 @@ def _check_ranges(config: TrainConfig) -> None:
         raise SettingError(f"`val_split` must be in (0, 1), got {config.val_split}")
     if config.lr is not None and config.lr <= 0:
         raise SettingError(f"`lr` must be > 0, got {config.lr}")
+    if config.outliers != SYNTHETIC and not Path(config.outliers).is_dir():
+        raise SettingError(f"`outliers` must be {SYNTHETIC!r} or a folder of images, got {config.outliers!r}")
 
 
 def setting_names() -> tuple[str, ...]:
