@@ -23,7 +23,7 @@ from pathlib import Path
 
 from app.config import load_server_settings
 from app.harness import ROOT, SERVER_COMMAND, spawned
-from app.loadgen import RssSampler, closed_loop
+from app.loadgen import RssSampler, children, closed_loop
 
 BASE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "WEB_CONCURRENCY": "1"}
 KINDS = {"raw": "raw model", "service": "service", "unbatched": "service MAX_BATCH_SIZE=1", "naive": "naive Flask"}
@@ -104,7 +104,9 @@ def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: 
     one, full = tensor[None], torch.stack([tensor] * batch_size)
     classifier.warmup((1, batch_size))
     single = _timed(lambda: classifier.inference(one), seconds / 2)
+    cpu = time.process_time()
     batched = _timed(lambda: classifier.inference(full), seconds / 2)
+    cpu = time.process_time() - cpu  # every thread of this process: OpenMP's too
     forward_ms = statistics.median(single) * 1000
     return {
         "device": str(classifier.device),
@@ -114,6 +116,7 @@ def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: 
         "throughput_b1": round(1000 / forward_ms, 2),
         "forward_ms_batch": round(statistics.median(batched) * 1000, 1),
         "throughput": round(batch_size * len(batched) / sum(batched), 2),
+        "cpu_ms_per_image": round(cpu * 1000 / (batch_size * len(batched)), 1),
         "batch_size": batch_size,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -160,7 +163,10 @@ def run_server(config: BenchmarkConfig, system: dict, env: dict, command=SERVER_
     try:
         with spawned(env, workers, log_path, command) as (process, url), RssSampler(process.pid) as rss:
             for concurrency in config.concurrencies:
-                point = closed_loop(url, body, concurrency, config.seconds, config.warmup_s, observe=workers > 0)
+                pids = (*children(process.pid), process.pid)
+                point = closed_loop(
+                    url, body, concurrency, config.seconds, config.warmup_s, observe=workers > 0, server_pids=pids
+                )
                 points.append({**point, "rss_mib": rss.samples[-1][1] if rss.samples else None})
                 points[-1]["peak_rss_mib"] = rss.peak_mib()
     except (RuntimeError, TimeoutError) as error:
@@ -266,29 +272,31 @@ def _cell(value, digits: int = 1) -> str:
 def markdown(report: dict) -> str:
     """The run as markdown: one row per system and concurrency, then the targets."""
     lines = [
-        "| system | clients | img/s | p50 ms | p95 ms | p99 ms | errors | mean batch | batcher busy | peak RSS MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| system | clients | img/s | p50 ms | p95 ms | p99 ms | errors | mean batch | batcher busy "
+        "| server CPU ms/img | other load (cores) | peak RSS MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for system in report["systems"]:
         name = system["system"]
         if system["kind"] == "raw":
             if "throughput" not in system:
-                lines.append(f"| {name} | - | skipped: {system.get('skipped') or system.get('error')} |||||||| ")
+                lines.append(f"| {name} | - | skipped: {system.get('skipped') or system.get('error')} |||||||||| ")
                 continue
             lines.append(
                 f"| {name}, batch 1 / {system['batch_size']} | in-process | {system['throughput_b1']:.1f} / "
                 f"{system['throughput']:.1f} | {system['forward_ms_b1']:.0f} (forward) | | | | | | "
-                f"{system['peak_rss_mib']:.0f} |"
+                f"{system['cpu_ms_per_image']:.0f} | | {system['peak_rss_mib']:.0f} |"
             )
             continue
         if "error" in system and not system.get("points"):
-            lines.append(f"| {name} | - | did not run: {' / '.join(system['error'])[:200]} |||||||| ")
+            lines.append(f"| {name} | - | did not run: {' / '.join(system['error'])[:200]} |||||||||| ")
         for p in system.get("points", []):
             server = p.get("server") or {}
             lines.append(
                 f"| {name} | {p['concurrency']} | {p['throughput']:.1f} | {p['p50_ms']:.0f} | {p['p95_ms']:.0f} | "
                 f"{p['p99_ms']:.0f} | {p['errors']} | {_cell(server.get('mean_batch_size'), 2)} | "
-                f"{_cell(server.get('batcher_busy'), 2)} | {_cell(p.get('peak_rss_mib'), 0)} |"
+                f"{_cell(server.get('batcher_busy'), 2)} | {_cell(p.get('server_cpu_ms_per_request'), 0)} | "
+                f"{_cell(p.get('other_busy_cores'), 2)} | {_cell(p.get('peak_rss_mib'), 0)} |"
             )
     lines += ["", "| precision | target | value | goal | met |", "| --- | --- | --- | --- | --- |"]
     for row in report["targets"]:

@@ -88,9 +88,11 @@ def closed_loop(
     content_type: str = "image/jpeg",
     timeout: float = 120,
     observe: bool = False,
+    server_pids: tuple[int, ...] = (),
 ) -> dict:
     """`concurrency` clients posting `body` back to back for warmup_s + seconds; the last `seconds` are measured.
-    `observe`: also read the service's /metrics at both ends of the window (batching as the server saw it)."""
+    `observe`: also read the service's /metrics at both ends of the window (batching as the server saw it);
+    `server_pids`: the server's processes, whose CPU time is counted apart from the rest of the machine's."""
     begin = time.perf_counter()
     window = _Window(start=begin + warmup_s, stop=begin + warmup_s + seconds)
     headers = {"Content-Type": content_type}
@@ -101,15 +103,17 @@ def closed_loop(
     for client in clients:
         client.start()
     time.sleep(max(0.0, window.start - time.perf_counter()))
-    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    cpu_start, wall_start = cpu_seconds(server_pids), time.perf_counter()
     before, before_at = (server_totals(url) if observe else None), time.perf_counter()
     time.sleep(max(0.0, window.stop - time.perf_counter()))
     # A busy server answers /metrics late: the server's window runs from answer to answer.
     after, after_at = (server_totals(url) if observe else None), time.perf_counter()
-    cpu = time.process_time() - cpu_start
+    machine, server, cpu = (end - start for end, start in zip(cpu_seconds(server_pids), cpu_start))
+    wall = after_at - wall_start
     for client in clients:
         client.join(timeout)
     ok, milliseconds = len(window.latencies), [s * 1000 for s in window.latencies]
+    answered = max(1, ok + len(window.errors))
     return {
         "concurrency": concurrency,
         "seconds": seconds,
@@ -121,10 +125,36 @@ def closed_loop(
         "p95_ms": round(percentile(milliseconds, 95), 1),
         "p99_ms": round(percentile(milliseconds, 99), 1),
         # The generator's own cost: CPU seconds this process used in the window, per answered request.
-        "client_cpu_ms_per_request": round(cpu * 1000 / max(1, ok + len(window.errors)), 3),
-        "client_cpu_share": round(cpu / (after_at - wall_start), 4),
+        "client_cpu_ms_per_request": round(cpu * 1000 / answered, 3),
+        "client_cpu_share": round(cpu / wall, 4),
+        # What bounds throughput on a few cores, robust to a shared machine: the server's CPU per request
+        # (all its threads, OpenMP's included), and the cores everything else on the machine kept busy.
+        "server_cpu_ms_per_request": round(server * 1000 / answered, 1) if server_pids else None,
+        "other_busy_cores": round(max(0.0, machine - server - cpu) / wall, 2) if machine else None,
         "server": server_window(before, after, after_at - before_at) if observe else None,
     }
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, every thread
+    except OSError:
+        return 0.0
+
+
+def cpu_seconds(pids: tuple[int, ...] = ()) -> tuple[float, float, float]:
+    """(busy CPU seconds of the whole machine, of `pids`, of this process) so far; 0 where /proc is missing."""
+    machine = 0.0
+    if os.path.exists("/proc/stat"):
+        with open("/proc/stat") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:9]]
+        machine = (sum(ticks) - ticks[3] - ticks[4]) / _TICK  # minus idle and iowait
+    return machine, sum(_proc_cpu(pid) for pid in pids), time.process_time()
 
 
 def server_totals(url: str) -> dict[str, float] | None:
