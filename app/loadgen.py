@@ -106,10 +106,10 @@ def closed_loop(
     cpu_start, wall_start = cpu_seconds(server_pids), time.perf_counter()
     before, before_at = (server_totals(url) if observe else None), time.perf_counter()
     time.sleep(max(0.0, window.stop - time.perf_counter()))
+    cpu_stop, wall = cpu_seconds(server_pids), time.perf_counter() - wall_start
     # A busy server answers /metrics late: the server's window runs from answer to answer.
     after, after_at = (server_totals(url) if observe else None), time.perf_counter()
-    machine, server, cpu = (end - start for end, start in zip(cpu_seconds(server_pids), cpu_start))
-    wall = after_at - wall_start
+    machine, server, cpu = (stop - start for stop, start in zip(cpu_stop, cpu_start))
     for client in clients:
         client.join(timeout)
     ok, milliseconds = len(window.latencies), [s * 1000 for s in window.latencies]
