@@ -352,18 +352,28 @@ def write_report(report: dict, out: Path) -> None:
     plot(report, out / "benchmark.png")
 
 
-def untrained_bundle(arch: str, path: str | os.PathLike, image_size: int = 224, classes: int = 37) -> str:
-    """An untrained `arch` PetClassifier bundle (seeded; default_preprocess(image_size)): for timing only, its
-    predictions mean nothing. Written once, reused after."""
+def untrained_bundle(
+    arch: str, path: str | os.PathLike, image: str, int8: bool = False, image_size: int = 224, classes: int = 37
+) -> str:
+    """An untrained `arch` PetClassifier bundle (seeded; default_preprocess(image_size)), and with `int8` its int8
+    network calibrated on `image` alone: for timing only, their predictions mean nothing. Written once, reused."""
     import torch
 
-    from models.bundle import save_bundle
+    from models.bundle import load_model, save_bundle
+    from models.images import load_image
     from models.pet_classifier import PetClassifier
-    from models.transforms import default_preprocess
+    from models.quantize import int8_path, quantize, save_int8
+    from models.transforms import default_preprocess, eval_transform
 
     if not Path(path).is_file():
         torch.manual_seed(0)
         model = PetClassifier(classes, arch=arch, weights="none").eval()
         names = [f"class_{index:02d}" for index in range(classes)]
         save_bundle(path, model, names, default_preprocess(image_size), training={"untrained": True})
+    if int8 and not int8_path(path).is_file():
+        model, bundle = load_model(path)
+        tensor = eval_transform(bundle.preprocess)(load_image(image, min_size=bundle.preprocess["resize"]))
+        quantized = quantize(model, [torch.stack([tensor] * 4)], bundle.preprocess["crop"])
+        info = {"calibration": {"images": 1, "data": f"{image} only: for timing, not for accuracy"}}
+        save_int8(int8_path(path), quantized, bundle, info)
     return str(path)

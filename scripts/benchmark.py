@@ -28,7 +28,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("compare", "serve", "model"), default="compare", help="what to measure")
     parser.add_argument("--model", default=os.environ.get("MODEL_PATH", DEFAULT_BUNDLE_PATH), help="bundle")
-    parser.add_argument("--untrained", metavar="ARCH", help="measure an untrained ARCH bundle at 224 px instead")
+    parser.add_argument("--untrained", metavar="ARCH", help="time an untrained ARCH bundle at 224 px (and its int8)")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="JPEG every client posts")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="closed-loop clients")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per point")
@@ -56,7 +56,8 @@ def compare(args) -> dict:
     from app.benchmark import BenchmarkConfig, run, untrained_bundle
 
     if args.untrained:
-        args.model = untrained_bundle(args.untrained, args.out / f"untrained-{args.untrained}-224.pt")
+        path = args.out / f"untrained-{args.untrained}-224.pt"
+        args.model = untrained_bundle(args.untrained, path, str(args.image), int8="int8" in args.precision)
     config = BenchmarkConfig(
         model=args.model,
         image=str(args.image),
