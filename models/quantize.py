@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from models.bundle import Bundle, atomic_save
+from models.predictor import Member, Predictor
 from models.runtime import Runtime, cpu_bf16_problem
 
 INT8_FORMAT = {"name": "pet-classifier-int8", "version": 1}
@@ -149,8 +150,9 @@ def load_int8(bundle: Bundle, model: nn.Module | None = None, path: str | os.Pat
 
 
 def top1(model: nn.Module, batches: Iterable[torch.Tensor], runtime: Runtime) -> torch.Tensor:
-    """Predicted class indices of `model` over all batches, in order."""
-    return torch.cat([runtime.probabilities(model, batch).argmax(dim=1) for batch in batches])
+    """Predicted class indices of `model` over all batches, in order, through the serving path."""
+    predictor = Predictor([Member(model)], runtime)
+    return torch.cat([predictor(batch).probs.argmax(dim=1) for batch in batches])
 
 
 def precision_agreement(
