@@ -9,6 +9,7 @@ imports this module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -84,7 +85,7 @@ def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: 
 
     from app.config import ConfigError, load_settings
     from app.inference import build_classifier, serving_device
-    from models.bundle import load_bundle
+    from models.ensemble import load_ensemble
     from models.quantize import QuantizationError, load_int8
 
     try:
@@ -92,10 +93,11 @@ def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: 
         settings = load_settings(
             overrides={"MODEL_PATH": model, "PRECISION": "fp32" if precision == "int8" else precision}
         )
-        bundle = load_bundle(model)
-        classifier = build_classifier(settings, bundle, serving_device(settings))
+        ensemble = load_ensemble(settings.model_paths)
+        classifier = build_classifier(settings, ensemble, serving_device(settings))
         if precision == "int8":
-            classifier.model = load_int8(bundle, classifier.model)
+            members = classifier.predictor.members
+            members[0] = dataclasses.replace(members[0], model=load_int8(ensemble.bundles[0], members[0].model))
     except (ConfigError, QuantizationError) as error:
         return {"skipped": str(error)}
     data = Path(image).read_bytes()
