@@ -49,6 +49,7 @@ class Settings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty = no authentication; never printed
     metrics_public: bool = True
     explain_concurrency: int = 1
+    ui_enabled: bool = True  # GET / serves the try-it page (app/ui)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -167,6 +168,7 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
     "api_keys": _api_keys,
     "metrics_public": _flag,
     "explain_concurrency": _number(int, 1, 64),
+    "ui_enabled": _flag,
 }
 
 

@@ -73,6 +73,7 @@ def test_torch_threads_split_cores_between_workers():
         ("MODEL_PATH", "a.pt,,b.pt", "empty bundle path"),
         ("MODEL_PATH", "a.pt,a.pt", "listed more than once"),
         ("EXPLAIN_CONCURRENCY", "0", "[1, 64]"),
+        ("UI_ENABLED", "maybe", "true, 1, yes, on, false"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, hint):
