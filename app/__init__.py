@@ -16,6 +16,7 @@ from app.metrics import Metrics
 from app.openapi import build_spec
 from app.routes import bp
 from app.service import EXTENSION, Service, get_service
+from app.ui import register as register_ui
 from app.v2 import register as register_v2
 from models.ensemble import load_ensemble
 
@@ -75,6 +76,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     install_api_keys(app, settings)
     app.register_blueprint(bp)
     register_v2(app)  # the Open Inference Protocol under /v2
+    if settings.ui_enabled:
+        register_ui(app, settings)  # the try-it page at /
     public = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint in public_endpoints(settings)}
     app.config["OPENAPI"] = build_spec(bundle.version, public if settings.api_keys else None)
     get_service(app).start()

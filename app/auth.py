@@ -12,9 +12,13 @@ from flask import Flask, request
 
 from app.config import Settings
 from app.errors import coded_response
+from app.ui import ASSET_ENDPOINT, PAGE_ENDPOINT
 
-# Probes and the API description stay open: orchestrators and clients need them before they hold a key.
-PUBLIC_ENDPOINTS = frozenset({"api.livez", "api.readyz", "api.openapi", "v2.live", "v2.ready"})
+# Probes and the API description stay open: orchestrators and clients need them before they hold a key. So does
+# the try-it page: it holds no data, and every API call it makes sends the key the user types into it.
+PUBLIC_ENDPOINTS = frozenset(
+    {"api.livez", "api.readyz", "api.openapi", "v2.live", "v2.ready", PAGE_ENDPOINT, ASSET_ENDPOINT}
+)
 METRICS_ENDPOINT = "api.metrics"  # public unless METRICS_PUBLIC=false
 REALM = "pet-classifier"
 

@@ -7,9 +7,12 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from models.bundle import DEFAULT_BUNDLE_PATH
 from models.ensemble import PATH_SEPARATOR, parse_paths
 from models.images import DEFAULT_MAX_PIXELS
+from models.runtime import precision_problem
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -46,6 +49,7 @@ class Settings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty = no authentication; never printed
     metrics_public: bool = True
     explain_concurrency: int = 1
+    ui_enabled: bool = True  # GET / serves the try-it page (app/ui)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -164,6 +168,7 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
     "api_keys": _api_keys,
     "metrics_public": _flag,
     "explain_concurrency": _number(int, 1, 64),
+    "ui_enabled": _flag,
 }
 
 
@@ -227,10 +232,10 @@ def default_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def _check_combination(settings: Settings) -> None:
-    if settings.precision != "fp32" and settings.device == "cpu":
-        raise ConfigError(
-            f"PRECISION={settings.precision} needs a CUDA device but DEVICE=cpu; use PRECISION=fp32 on CPU"
-        )
+    if settings.device == "cpu":
+        problem = precision_problem(settings.precision, torch.device("cpu"))
+        if problem:
+            raise ConfigError(f"PRECISION={settings.precision} with DEVICE=cpu: {problem}")
 
 
 def load_settings(environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None) -> Settings:

@@ -11,7 +11,7 @@ from models.ensemble import Ensemble
 from models.explain import grad_cam, overlay, png_bytes
 from models.images import decode_image
 from models.predictor import Output, Predictor
-from models.runtime import DeviceError, Runtime, resolve_device, top_k
+from models.runtime import DeviceError, Runtime, precision_problem, resolve_device, top_k
 from models.transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -23,10 +23,9 @@ def serving_device(settings: Settings) -> torch.device:
         device = resolve_device(settings.device)
     except DeviceError as error:
         raise ConfigError(f"DEVICE={settings.device} is not usable: {error}") from error
-    if settings.precision != "fp32" and device.type != "cuda":
-        raise ConfigError(f"PRECISION={settings.precision} needs a CUDA device; the device is {device}")
-    if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"PRECISION=bf16 is not supported by {torch.cuda.get_device_name(device)}")
+    problem = precision_problem(settings.precision, device)
+    if problem:
+        raise ConfigError(f"PRECISION={settings.precision} on {device}: {problem}")
     return device
 
 

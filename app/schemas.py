@@ -168,6 +168,9 @@ class BatchingSchema(Schema):
 class ModelInfoSchema(Schema):
     """The served model and how it is served."""
 
+    name = fields.String(
+        required=True, metadata={"description": "MODEL_NAME: the model's name (its name under /v2/models too)"}
+    )
     version = fields.String(required=True)
     arch = fields.String(required=True)
     head = fields.Dict()

@@ -235,6 +235,7 @@ class Service:
         """The served model and the serving settings (GET /model)."""
         settings, bundle = self.settings, self.bundle
         return {
+            "name": settings.model_name,
             "version": bundle.version,
             "arch": bundle.arch,
             "head": bundle.head,

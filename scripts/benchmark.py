@@ -1,11 +1,12 @@
-"""Benchmarks. Serving (default): throughput and latency percentiles of N concurrent clients posting a
-real JPEG to /predict. Model (--mode model): training-step and inference images/s of an architecture.
+"""Benchmarks. Compare (default): in one run, the raw model limit (in-process forward on preprocessed tensors, same
+threads, precision and batch size), the real service (canonical gunicorn command) under closed-loop load at each
+concurrency, the same service with MAX_BATCH_SIZE=1, and the naive pattern (scripts/naive_server.py: plain Flask, one
+fp32 forward per request); writes benchmark.json, benchmark.md and benchmark.png under --out.
 
-Against a running server:
-    python scripts/benchmark.py --url http://127.0.0.1:5000 --concurrency 16 --requests 400
-Start the server itself (canonical gunicorn command, free port), micro-batched vs one forward per request:
-    python scripts/benchmark.py --spawn --model models/pet_classifier.pt --compare-naive
-Training and inference throughput (forward + backward + AdamW step; inference under inference_mode):
+    python scripts/benchmark.py --untrained resnet50                     # the issue's reference: ResNet-50, 224 px
+    python scripts/benchmark.py --model models/pet_classifier.pt --precision fp32 int8 --concurrency 1 8 32
+Against a running server (--mode serve), and training/inference images/s of an architecture (--mode model):
+    python scripts/benchmark.py --mode serve --url http://127.0.0.1:5000 --concurrency 16 --seconds 20
     python scripts/benchmark.py --mode model --arch resnet50 --image-size 224 --batch-size 16 --device auto
 """
 
@@ -19,50 +20,68 @@ from pathlib import Path
 from models.bundle import DEFAULT_BUNDLE_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_IMAGE = ROOT / "tests" / "data" / "chelsea.jpg"
+DEFAULT_IMAGE = ROOT / "tests" / "data" / "rocket.jpg"  # a 640x427 camera JPEG
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:5000", help="server to measure (ignored with --spawn)")
-    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="JPEG to post")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
-    parser.add_argument("--requests", type=int, default=400, help="measured requests in total")
-    parser.add_argument("--warmup", type=int, default=20, help="unmeasured requests first")
-    parser.add_argument("--spawn", action="store_true", help="start the server with the canonical command")
-    parser.add_argument("--model", default=os.environ.get("MODEL_PATH", DEFAULT_BUNDLE_PATH))
-    parser.add_argument("--workers", type=int, default=1, help="WEB_CONCURRENCY of spawned servers")
-    parser.add_argument("--threads", type=int, default=16, help="THREADS (per worker) of spawned servers")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="MAX_BATCH_SIZE of the batched server")
-    parser.add_argument("--max-batch-wait-ms", type=float, default=5, help="MAX_BATCH_WAIT_MS of spawned servers")
-    parser.add_argument("--compare-naive", action="store_true", help="with --spawn: also run MAX_BATCH_SIZE=1")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--mode", choices=("serve", "model"), default="serve", help="what to measure")
+    parser.add_argument("--mode", choices=("compare", "serve", "model"), default="compare", help="what to measure")
+    parser.add_argument("--model", default=os.environ.get("MODEL_PATH", DEFAULT_BUNDLE_PATH), help="bundle")
+    parser.add_argument("--untrained", metavar="ARCH", help="time an untrained ARCH bundle at 224 px (and its int8)")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="JPEG every client posts")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="closed-loop clients")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each point")
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmark"), help="where reports go (compare)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file (serve, model)")
+    serve = parser.add_argument_group("servers (compare)")
+    serve.add_argument("--precision", nargs="+", default=["fp32"], help="fp32 | bf16 | int8 (raw and service)")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="MAX_BATCH_SIZE (and the raw batch)")
+    serve.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="MAX_BATCH_WAIT_MS")
+    serve.add_argument("--threads", type=int, help="THREADS per worker (default: the service's)")
+    serve.add_argument("--torch-threads", type=int, help="TORCH_THREADS (default: the service's)")
+    parser.add_argument("--url", default="http://127.0.0.1:5000", help="server to load (serve)")
     model = parser.add_argument_group("--mode model")
     model.add_argument("--arch", nargs="+", default=["resnet50"], help="architectures to measure")
     model.add_argument("--image-size", type=int, nargs="+", default=[224], help="square input sizes")
     model.add_argument("--batch-size", type=int, default=16, help="images per step")
     model.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     model.add_argument("--amp", default="auto", help="auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none")
-    model.add_argument("--seconds", type=float, default=10.0, help="measuring time per phase")
     return parser
 
 
+def compare(args) -> dict:
+    """The side-by-side run."""
+    from app.benchmark import BenchmarkConfig, run, untrained_bundle
+
+    if args.untrained:
+        path = args.out / f"untrained-{args.untrained}-224.pt"
+        args.model = untrained_bundle(args.untrained, path, str(args.image), int8="int8" in args.precision)
+    config = BenchmarkConfig(
+        model=args.model,
+        image=str(args.image),
+        out=str(args.out),
+        concurrencies=tuple(args.concurrency),
+        seconds=args.seconds,
+        warmup_s=args.warmup,
+        precisions=tuple(args.precision),
+        max_batch_size=args.max_batch_size,
+        max_batch_wait_ms=args.max_batch_wait_ms,
+        threads=args.threads,
+        torch_threads=args.torch_threads,
+    )
+    report = run(config)
+    print((args.out / "benchmark.md").read_text())
+    return report
+
+
 def serving(args) -> list[dict]:
-    """Measure --url, or servers started here (batched, and MAX_BATCH_SIZE=1 with --compare-naive)."""
-    from app.harness import measure, spawned
+    """Closed-loop load against --url at each --concurrency."""
+    from app.loadgen import closed_loop
 
     data = args.image.read_bytes()
-    if not args.spawn:
-        return [{"server": args.url, **measure(args.url, data, args.concurrency, args.requests, args.warmup)}]
-    results = []
-    for size in [args.max_batch_size] + ([1] if args.compare_naive else []):
-        env = {"MODEL_PATH": args.model, "THREADS": args.threads, "MAX_BATCH_SIZE": size}
-        with spawned({**env, "MAX_BATCH_WAIT_MS": args.max_batch_wait_ms}, args.workers) as url:
-            result = measure(url, data, args.concurrency, args.requests, args.warmup)
-            results.append({"server": f"spawned MAX_BATCH_SIZE={size}", **result})
-    return results
+    return [closed_loop(args.url, data, c, args.seconds, args.warmup, observe=True) for c in args.concurrency]
 
 
 def model(args) -> list[dict]:
@@ -76,9 +95,11 @@ def model(args) -> list[dict]:
     ]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the chosen mode; print one JSON line per result and write them all to --json when given."""
+def main(argv: list[str] | None = None):
+    """Run the chosen mode; serve and model print one JSON line per result (and write --json)."""
     args = get_args_parser().parse_args(argv)
+    if args.mode == "compare":
+        return compare(args)
     results = model(args) if args.mode == "model" else serving(args)
     for result in results:
         print(json.dumps(result))

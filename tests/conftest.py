@@ -14,8 +14,8 @@ from models.pet_classifier import PetClassifier
 from models.training.demo_data import CLASSES, make_demo_data
 from models.transforms import default_preprocess
 
-# Fixtures owned by the service and training test suites.
-pytest_plugins = ["tests.fixtures.server", "tests.fixtures.training"]
+# Fixtures owned by the service, training and browser test suites.
+pytest_plugins = ["tests.fixtures.server", "tests.fixtures.training", "tests.fixtures.browser"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = REPO_ROOT / "tests" / "data"

@@ -77,7 +77,7 @@ def test_batch_answers_in_order_and_matches_single(client, class_names):
 
 def test_model_info(client, class_names, tiny_bundle_path):
     info = client.get("/model").get_json()
-    assert info["class_names"] == class_names
+    assert info["name"] == "pet-classifier" and info["class_names"] == class_names
     assert info["arch"] == "resnet18" and info["num_classes"] == len(class_names)
     assert info["preprocess"]["crop"] == 64
     assert info["device"] == "cpu" and info["precision"] == "fp32" and info["ready"] is True

@@ -1,0 +1,381 @@
+"""One side-by-side benchmark run: the raw model limit, the real service at each concurrency, the same service with
+MAX_BATCH_SIZE=1, and the seed pattern (scripts/naive_server.py); reported as JSON, a markdown table and a plot.
+
+Every system gets the same environment: one worker, the same TORCH_THREADS and THREADS, and OMP_WAIT_POLICY=PASSIVE
+(what gunicorn.conf.py sets for the service). The raw limit runs in a child process with that environment, through
+the service's own preprocessing and inference code. scripts/benchmark.py is the command line; the service never
+imports this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from app.config import load_server_settings
+from app.harness import ROOT, SERVER_COMMAND, spawned
+from app.loadgen import RssSampler, children, closed_loop
+
+BASE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "WEB_CONCURRENCY": "1"}
+KINDS = {"raw": "raw model", "service": "service", "unbatched": "service MAX_BATCH_SIZE=1", "naive": "naive Flask"}
+RAW_PROBE = """
+import json, sys
+from app.benchmark import raw_limit
+print(json.dumps(raw_limit(**json.loads(sys.argv[1]))))
+"""
+# The issue's targets (issue 9), checked on every run: (name, goal, higher is better).
+GOALS = {
+    "service/raw throughput, most clients": (0.85, True),
+    "1-client p50 / (1.15 x raw forward + 5 ms)": (1.0, False),
+    "1-client p50 / naive p50": (1.0, False),
+    "service/naive throughput, most clients": (2.5, True),
+    "p99/p50, most clients": (2.5, False),
+}
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """What one run measures; None = the service's own default."""
+
+    model: str
+    image: str = str(ROOT / "tests" / "data" / "rocket.jpg")
+    out: str = "reports/benchmark"
+    concurrencies: tuple[int, ...] = (1, 8, 32)
+    seconds: float = 20.0
+    warmup_s: float = 3.0
+    precisions: tuple[str, ...] = ("fp32",)
+    max_batch_size: int = 16
+    max_batch_wait_ms: float = 5.0
+    threads: int | None = None
+    torch_threads: int | None = None
+    extra_env: dict = field(default_factory=dict)
+
+    def env(self, **overrides) -> dict:
+        """The environment every server (and the raw probe) of this run gets."""
+        env = {**BASE_ENV, "MODEL_PATH": str(Path(self.model).resolve()), "LOG_LEVEL": "warning"}
+        env.update(MAX_BATCH_SIZE=self.max_batch_size, MAX_BATCH_WAIT_MS=self.max_batch_wait_ms)
+        env.update({k: v for k, v in (("THREADS", self.threads), ("TORCH_THREADS", self.torch_threads)) if v})
+        return {k: str(v) for k, v in {**env, **self.extra_env, **overrides}.items()}
+
+
+def _timed(step: Callable[[], object], seconds: float) -> list[float]:
+    """Durations of `step`, run at least 3 times and for at least `seconds`."""
+    durations: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(durations) < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        step()
+        durations.append(time.perf_counter() - start)
+    return durations
+
+
+def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: float) -> dict:
+    """The service's preprocessing and forward pass in this process, without HTTP, queue or threads around them."""
+    import torch
+
+    from app.config import ConfigError, load_settings
+    from app.inference import build_classifier, serving_device
+    from models.ensemble import load_ensemble
+    from models.quantize import QuantizationError, load_int8
+
+    try:
+        # int8 is not a serving setting yet: the fp32 service code with the stored int8 network swapped in.
+        settings = load_settings(
+            overrides={"MODEL_PATH": model, "PRECISION": "fp32" if precision == "int8" else precision}
+        )
+        ensemble = load_ensemble(settings.model_paths)
+        classifier = build_classifier(settings, ensemble, serving_device(settings))
+        if precision == "int8":
+            members = classifier.predictor.members
+            members[0] = dataclasses.replace(members[0], model=load_int8(ensemble.bundles[0], members[0].model))
+    except (ConfigError, QuantizationError) as error:
+        return {"skipped": str(error)}
+    data = Path(image).read_bytes()
+    preprocess = _timed(lambda: classifier.preprocess(data), min(seconds, 3.0))
+    tensor = classifier.preprocess(data)
+    one, full = tensor[None], torch.stack([tensor] * batch_size)
+    classifier.warmup((1, batch_size))
+    # CPU time of every thread of this process (OpenMP's too): what bounds throughput on a few shared cores.
+    cpu_single = time.process_time()
+    single = _timed(lambda: classifier.inference(one), seconds / 2)
+    cpu_single, cpu = time.process_time() - cpu_single, time.process_time()
+    batched = _timed(lambda: classifier.inference(full), seconds / 2)
+    cpu = time.process_time() - cpu
+    forward_ms = statistics.median(single) * 1000
+    return {
+        "device": str(classifier.device),
+        "torch_threads": torch.get_num_threads(),
+        "preprocess_ms": round(statistics.median(preprocess) * 1000, 2),
+        "forward_ms_b1": round(forward_ms, 1),
+        "throughput_b1": round(1000 / forward_ms, 2),
+        "cpu_ms_b1": round(cpu_single * 1000 / len(single), 1),
+        "forward_ms_batch": round(statistics.median(batched) * 1000, 1),
+        "throughput": round(batch_size * len(batched) / sum(batched), 2),
+        "cpu_ms_per_image": round(cpu * 1000 / (batch_size * len(batched)), 1),
+        "batch_size": batch_size,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def run_raw(config: BenchmarkConfig, precision: str) -> dict:
+    """raw_limit in a child process with the servers' environment (threads and OpenMP settings as theirs)."""
+    args = {"model": str(Path(config.model).resolve()), "image": str(config.image), "precision": precision}
+    args.update(batch_size=config.max_batch_size, seconds=config.seconds)
+    env = {**os.environ, **config.env(PRECISION=precision)}
+    result = subprocess.run(
+        [sys.executable, "-c", RAW_PROBE, json.dumps(args)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    system = _system("raw", precision)
+    if result.returncode:
+        return {**system, "error": result.stderr.strip().splitlines()[-5:]}
+    return {**system, **json.loads(result.stdout.splitlines()[-1])}
+
+
+def naive_command(threads: int) -> tuple[str, ...]:
+    """gunicorn running scripts/naive_server.py like the service runs: one gthread worker, `threads` threads."""
+    return (
+        # -c /dev/null: no config file; gunicorn would otherwise load the service's ./gunicorn.conf.py.
+        *("-m", "gunicorn", "-c", os.devnull, "--bind", "{bind}", "--workers", "1", "--worker-class", "gthread"),
+        *("--threads", str(threads), "--pythonpath", str(ROOT / "scripts"), "naive_server:create_app()"),
+    )
+
+
+def why_it_failed(log_path: Path) -> str:
+    """The server log's last exception or configuration-error line, else its last line."""
+    lines = log_path.read_text(errors="replace").strip().splitlines() or [""]
+    reasons = [line for line in lines if "Error: " in line or "configuration error" in line]
+    return (reasons or lines)[-1].strip()
+
+
+def run_server(config: BenchmarkConfig, system: dict, env: dict, command=SERVER_COMMAND) -> dict:
+    """Start one server, load it at every concurrency, sample its workers' memory; errors are reported, not raised."""
+    body = Path(config.image).read_bytes()
+    logs = Path(config.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{system['system'].replace(' ', '_').replace('/', '_')}.log"
+    workers = 1 if command == SERVER_COMMAND else 0  # 0: the naive app has no /metrics
+    points = []
+    try:
+        with spawned(env, workers, log_path, command) as (process, url), RssSampler(process.pid) as rss:
+            for concurrency in config.concurrencies:
+                pids = (*children(process.pid), process.pid)
+                point = closed_loop(
+                    url, body, concurrency, config.seconds, config.warmup_s, observe=workers > 0, server_pids=pids
+                )
+                points.append({**point, "rss_mib": rss.samples[-1][1] if rss.samples else None})
+                points[-1]["peak_rss_mib"] = rss.peak_mib()
+    except (RuntimeError, TimeoutError) as error:
+        return {**system, "error": [str(error), why_it_failed(log_path)], "points": points}
+    return {**system, "env": env, "points": points, "rss_series": rss.samples}
+
+
+def _system(kind: str, precision: str) -> dict:
+    return {"system": f"{KINDS[kind]} ({precision})", "kind": kind, "precision": precision}
+
+
+def run(config: BenchmarkConfig, progress: Callable[[str], None] = print) -> dict:
+    """Every system of the run, one after the other; returns the report (also written under config.out)."""
+    report = {"config": asdict(config), "machine": machine(), "agreement": stored_agreement(config.model)}
+    systems = report["systems"] = []
+
+    def record(result: dict) -> None:
+        systems.append(result)
+        progress(json.dumps({k: v for k, v in result.items() if k not in ("env", "rss_series")})[:600])
+
+    for precision in config.precisions:
+        record(run_raw(config, precision))
+    for precision in config.precisions:
+        record(run_server(config, _system("service", precision), config.env(PRECISION=precision)))
+    first = config.precisions[0]
+    record(run_server(config, _system("unbatched", first), config.env(PRECISION=first, MAX_BATCH_SIZE=1)))
+    threads = config.threads or load_server_settings().threads
+    record(run_server(config, _system("naive", "fp32"), config.env(), naive_command(threads)))
+    report["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    report["targets"] = targets(report)
+    write_report(report, Path(config.out))
+    return report
+
+
+def stored_agreement(model: str) -> dict | None:
+    """Each precision's top-1 agreement with fp32, as scripts/quantize.py stored it with the int8 network."""
+    from models.bundle import BundleError, load_bundle
+    from models.quantize import QuantizationError, int8_path, read_int8
+
+    try:
+        return read_int8(int8_path(model), load_bundle(model))["info"].get("agreement")
+    except (BundleError, QuantizationError):
+        return None
+
+
+def machine() -> dict:
+    """Where the run happened: CPU, cores, torch, native bf16, load average."""
+    import torch
+
+    from models.runtime import cpu_bf16_problem, cpu_features
+
+    return {
+        "cpu": cpu_features().get("cpu_name") or platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": cpu_bf16_problem() is None,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _point(system: dict | None, concurrency: int) -> dict | None:
+    points = (system or {}).get("points") or []
+    return next((p for p in points if p["concurrency"] == concurrency), None)
+
+
+def targets(report: dict) -> list[dict]:
+    """The issue's targets as ratios from this run, per precision (skipped where a system did not run)."""
+    systems = {(s["kind"], s["precision"]): s for s in report["systems"]}
+    most, one = max(report["config"]["concurrencies"]), min(report["config"]["concurrencies"])
+    naive_most, naive_one = _point(systems.get(("naive", "fp32")), most), _point(systems.get(("naive", "fp32")), 1)
+    rows = []
+    for precision in report["config"]["precisions"]:
+        raw = systems.get(("raw", precision)) or {}
+        served_most, served_one = (
+            _point(systems.get(("service", precision)), most),
+            _point(systems.get(("service", precision)), one),
+        )
+        values = {}
+        if served_most and raw.get("throughput"):
+            values["service/raw throughput, most clients"] = served_most["throughput"] / raw["throughput"]
+        if served_one and one == 1 and raw.get("forward_ms_b1"):
+            values["1-client p50 / (1.15 x raw forward + 5 ms)"] = served_one["p50_ms"] / (
+                1.15 * raw["forward_ms_b1"] + 5
+            )
+        if served_one and naive_one and one == 1:
+            values["1-client p50 / naive p50"] = served_one["p50_ms"] / naive_one["p50_ms"]
+        if served_most and naive_most and naive_most["throughput"]:
+            values["service/naive throughput, most clients"] = served_most["throughput"] / naive_most["throughput"]
+        if served_most and served_most["p50_ms"]:
+            values["p99/p50, most clients"] = served_most["p99_ms"] / served_most["p50_ms"]
+        for name, value in values.items():
+            goal, higher = GOALS[name]
+            met = value >= goal if higher else value <= goal
+            rows.append({"precision": precision, "target": name, "value": round(value, 3), "goal": goal, "met": met})
+    return rows
+
+
+def _cell(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: dict) -> str:
+    """The run as markdown: one row per system and concurrency, then the targets."""
+    lines = [
+        "| system | clients | img/s | p50 ms | p95 ms | p99 ms | errors | mean batch | batcher busy "
+        "| server CPU ms/img | other load (cores) | peak RSS MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for system in report["systems"]:
+        name = system["system"]
+        if system["kind"] == "raw":
+            if "throughput" not in system:
+                lines.append(f"| {name} | - | skipped: {system.get('skipped') or system.get('error')} |||||||||| ")
+                continue
+            lines.append(
+                f"| {name}, batch 1 / {system['batch_size']} | in-process | {system['throughput_b1']:.1f} / "
+                f"{system['throughput']:.1f} | {system['forward_ms_b1']:.0f} (forward) | | | | | | "
+                f"{system['cpu_ms_per_image']:.0f} | | {system['peak_rss_mib']:.0f} |"
+            )
+            continue
+        if "error" in system and not system.get("points"):
+            lines.append(f"| {name} | - | did not run: {' / '.join(system['error'])[:200]} |||||||||| ")
+        for p in system.get("points", []):
+            server = p.get("server") or {}
+            lines.append(
+                f"| {name} | {p['concurrency']} | {p['throughput']:.1f} | {p['p50_ms']:.0f} | {p['p95_ms']:.0f} | "
+                f"{p['p99_ms']:.0f} | {p['errors']} | {_cell(server.get('mean_batch_size'), 2)} | "
+                f"{_cell(server.get('batcher_busy'), 2)} | {_cell(p.get('server_cpu_ms_per_request'), 0)} | "
+                f"{_cell(p.get('other_busy_cores'), 2)} | {_cell(p.get('peak_rss_mib'), 0)} |"
+            )
+    lines += ["", "| precision | target | value | goal | met |", "| --- | --- | --- | --- | --- |"]
+    for row in report["targets"]:
+        met = "yes" if row["met"] else "no"
+        lines.append(f"| {row['precision']} | {row['target']} | {row['value']:.2f} | {row['goal']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Throughput and p99 against concurrency, one line per system; the raw limits as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system in report["systems"]:
+        if system["kind"] == "raw":
+            if "throughput" in system:
+                left.axhline(system["throughput"], linestyle="--", color="grey", linewidth=1)
+                left.annotate(system["system"], (min(report["config"]["concurrencies"]), system["throughput"]))
+            continue
+        points = system.get("points") or []
+        if points:
+            clients = [p["concurrency"] for p in points]
+            left.plot(clients, [p["throughput"] for p in points], marker="o", label=system["system"])
+            right.plot(clients, [p["p99_ms"] for p in points], marker="o", label=system["system"])
+    concurrencies = list(report["config"]["concurrencies"])
+    for axis, label in ((left, "images/s"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    machine = report["machine"]
+    title = f"{Path(report['config']['model']).name} on {machine['cores']} cores ({machine['cpu']})"
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """benchmark.json, benchmark.md and benchmark.png under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    (out / "benchmark.md").write_text(markdown(report))
+    plot(report, out / "benchmark.png")
+
+
+def untrained_bundle(
+    arch: str, path: str | os.PathLike, image: str, int8: bool = False, image_size: int = 224, classes: int = 37
+) -> str:
+    """An untrained `arch` PetClassifier bundle (seeded; default_preprocess(image_size)), and with `int8` its int8
+    network calibrated on `image` alone: for timing only, their predictions mean nothing. Written once, reused."""
+    import torch
+
+    from models.bundle import load_model, save_bundle
+    from models.images import load_image
+    from models.pet_classifier import PetClassifier
+    from models.quantize import int8_path, quantize, save_int8
+    from models.transforms import default_preprocess, eval_transform
+
+    if not Path(path).is_file():
+        torch.manual_seed(0)
+        model = PetClassifier(classes, arch=arch, weights="none").eval()
+        names = [f"class_{index:02d}" for index in range(classes)]
+        save_bundle(path, model, names, default_preprocess(image_size), training={"untrained": True})
+    if int8 and not int8_path(path).is_file():
+        model, bundle = load_model(path)
+        tensor = eval_transform(bundle.preprocess)(load_image(image, min_size=bundle.preprocess["resize"]))
+        quantized = quantize(model, [torch.stack([tensor] * 4)], bundle.preprocess["crop"])
+        info = {"calibration": {"images": 1, "data": f"{image} only: for timing, not for accuracy"}}
+        save_int8(int8_path(path), quantized, bundle, info)
+    return str(path)

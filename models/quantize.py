@@ -1,0 +1,181 @@
+"""int8 for x86 CPUs: post-training static quantization of a bundle's network, stored next to the bundle.
+
+PyTorch's own FX graph-mode flow with the x86 backend (fbgemm/oneDNN kernels, per-channel int8 weights, uint8
+activations observed by histogram). torch 2.11 to 2.14 ship it as torch.ao.quantization, marked deprecated in
+favour of torchao's PT2E flow, whose speed needs torch.compile (minutes of start-up per worker on two cores); the
+FX model runs eagerly. The int8 file is a plain dict (torch.load(weights_only=True)): the quantized state dict plus
+the bundle's content hash. A worker rebuilds the graph from the bundle's fp32 network (prepare + convert, no
+calibration) and loads the stored int8 weights and scales into it, so it never recalibrates.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.bundle import Bundle, atomic_save
+from models.predictor import Member, Predictor
+from models.runtime import Runtime, cpu_bf16_problem
+
+INT8_FORMAT = {"name": "pet-classifier-int8", "version": 1}
+BACKEND = "x86"
+RECOMMENDED_AGREEMENT = 0.99  # a precision whose top-1 agrees with fp32 on fewer held-out images is not recommended
+CPU_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+class QuantizationError(ValueError):
+    """int8 is unavailable, or an int8 file is missing, stale or unreadable; the message says what to do."""
+
+
+def int8_path(bundle_path: str | os.PathLike) -> Path:
+    """Where the int8 network of a bundle lives: models/pet_classifier.pt -> models/pet_classifier.int8.pt."""
+    path = Path(bundle_path)
+    return path.with_name(f"{path.stem}.int8{path.suffix or '.pt'}")
+
+
+# torch.ao.quantization warns on every call: its own deprecation, reduce_range, empty observers when a worker
+# rebuilds the graph (the stored scales replace their defaults), quantized dtypes, TypedStorage in torch.load.
+_NOISE = (
+    "torch.ao.quantization is deprecated",
+    "Please use quant_min and quant_max",
+    "must run observer before calling calculate_qparams",
+    "torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation",
+    "TypedStorage is deprecated",
+)
+
+
+@contextmanager
+def _quiet():
+    """Silence the known warnings above, and only them."""
+    with warnings.catch_warnings():
+        for message in _NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def _prepare(model: nn.Module, crop: int) -> nn.Module:
+    """A copy of `model` with observers inserted (FX graph mode, x86 qconfig)."""
+    try:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import prepare_fx
+    except ImportError as error:
+        raise QuantizationError(
+            f"torch {torch.__version__} no longer ships torch.ao.quantization's FX flow; serve fp32 or bf16"
+        ) from error
+    if BACKEND not in torch.backends.quantized.supported_engines:
+        raise QuantizationError(f"this torch build has no {BACKEND} quantized engine; serve fp32")
+    torch.backends.quantized.engine = BACKEND
+    example = (torch.zeros(1, 3, crop, crop),)
+    with _quiet():
+        return prepare_fx(copy.deepcopy(model).cpu().eval(), get_default_qconfig_mapping(BACKEND), example)
+
+
+def _convert(prepared: nn.Module) -> nn.Module:
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    with _quiet():
+        return convert_fx(prepared).eval()
+
+
+def quantize(model: nn.Module, calibration: Iterable[torch.Tensor], crop: int) -> nn.Module:
+    """fp32 network + calibration batches (B, 3, crop, crop), eval-transformed -> an int8 network on the CPU."""
+    prepared = _prepare(model, crop)
+    seen = 0
+    with torch.inference_mode():
+        for batch in calibration:
+            prepared(batch.cpu())
+            seen += len(batch)
+    if not seen:
+        raise QuantizationError("no calibration images: static quantization needs a few hundred training images")
+    return _convert(prepared)
+
+
+def save_int8(path: str | os.PathLike, quantized: nn.Module, bundle: Bundle, info: dict | None = None) -> Path:
+    """Write the int8 network for `bundle` (its content hash included) atomically; returns the path."""
+    state = {
+        "format": dict(INT8_FORMAT),
+        "bundle_hash": bundle.content_hash,
+        "backend": BACKEND,
+        "torch": torch.__version__.split("+")[0],
+        "state_dict": quantized.state_dict(),
+        "info": info or {},
+    }
+    atomic_save(state, path)
+    return Path(path)
+
+
+def read_int8(path: str | os.PathLike, bundle: Bundle) -> dict:
+    """The int8 file for `bundle`, checked (format, and made from this very bundle); raises QuantizationError."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantizationError(f"no int8 network at {path}; make it with scripts/quantize.py --model {bundle.path}")
+    try:
+        with _quiet():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for non-torch or unsafe files
+        raise QuantizationError(f"{path} is not an int8 network file: {error}") from error
+    if not isinstance(state, dict) or state.get("format") != INT8_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise QuantizationError(f"{path} is not an int8 network file: format {found!r}, expected {INT8_FORMAT}")
+    if state.get("bundle_hash") != bundle.content_hash:
+        raise QuantizationError(
+            f"{path} was made from another bundle than {bundle.path} (version {bundle.version}); "
+            f"run scripts/quantize.py --model {bundle.path} again"
+        )
+    return state
+
+
+def load_int8(bundle: Bundle, model: nn.Module | None = None, path: str | os.PathLike | None = None) -> nn.Module:
+    """The bundle's int8 network from its stored file (no recalibration); `model`: its fp32 network, if built."""
+    path = int8_path(bundle.path) if path is None else path
+    state = read_int8(path, bundle)
+    model = bundle.build_model("cpu") if model is None else model
+    quantized = _convert(_prepare(model, bundle.preprocess["crop"]))
+    try:
+        with _quiet():
+            quantized.load_state_dict(state["state_dict"])
+    except RuntimeError as error:
+        raise QuantizationError(
+            f"{path} does not fit the int8 graph that torch {torch.__version__.split('+')[0]} builds "
+            f"(it was made with torch {state.get('torch')}); run scripts/quantize.py again: {error}"
+        ) from error
+    return quantized
+
+
+def top1(model: nn.Module, batches: Iterable[torch.Tensor], runtime: Runtime) -> torch.Tensor:
+    """Predicted class indices of `model` over all batches, in order, through the serving path."""
+    predictor = Predictor([Member(model)], runtime)
+    return torch.cat([predictor(batch).probs.argmax(dim=1) for batch in batches])
+
+
+def precision_agreement(
+    model: nn.Module, batches: list[torch.Tensor], int8_model: nn.Module | None = None
+) -> dict[str, dict]:
+    """Top-1 agreement with fp32 of fp32, bf16 and int8 on held-out batches; a skipped precision says why."""
+    runtime = Runtime(torch.device("cpu"))
+    reference = top1(model, batches, runtime)
+    candidates = {
+        "fp32": (model, runtime),
+        "bf16": (model, Runtime(runtime.device, amp="bf16")),
+        "int8": (int8_model, runtime),
+    }
+    problems = {"bf16": cpu_bf16_problem(), "int8": None if int8_model is not None else "no int8 network given"}
+    report = {}
+    for precision, (candidate, candidate_runtime) in candidates.items():
+        if problems.get(precision):
+            report[precision] = {"skipped": problems[precision]}
+            continue
+        agreement = (top1(candidate, batches, candidate_runtime) == reference).float().mean().item()
+        report[precision] = {
+            "agreement": round(agreement, 4),
+            "images": len(reference),
+            "recommended": agreement >= RECOMMENDED_AGREEMENT,
+        }
+    return report

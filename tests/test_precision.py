@@ -1,0 +1,136 @@
+"""CPU precisions: native-bf16 detection, the int8 file (calibrate, store, reload) and each precision's agreement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from app.config import ConfigError, load_settings
+from models.bundle import load_bundle, load_model
+from models.quantize import (
+    RECOMMENDED_AGREEMENT,
+    QuantizationError,
+    int8_path,
+    load_int8,
+    precision_agreement,
+    quantize,
+    read_int8,
+)
+from models.runtime import cpu_bf16_problem
+from models.training.quantization import batches, quantize_bundle
+from tests.conftest import REPO_ROOT
+
+NATIVE_BF16 = cpu_bf16_problem() is None
+NO_NATIVE_BF16 = f"this CPU has no native bf16, so bf16 is refused here and not measured: {cpu_bf16_problem()}"
+
+
+@pytest.mark.parametrize(
+    ("features", "native"),
+    [
+        ({"avx512_bf16": True}, True),
+        ({"amx_bf16": True, "avx512_bf16": False}, True),
+        ({"avx2": True, "avx512_f": True, "cpu_name": "AMD EPYC"}, False),
+        ({}, False),
+    ],
+)
+def test_cpu_bf16_detection(features, native):
+    problem = cpu_bf16_problem(features)
+    assert (problem is None) == native
+    if not native:
+        assert "avx512_bf16" in problem and "AMX" in problem and "fp32" in problem
+
+
+def test_bf16_on_cpu_follows_native_support():
+    if NATIVE_BF16:
+        assert load_settings({"DEVICE": "cpu", "PRECISION": "bf16"}).precision == "bf16"
+    else:
+        with pytest.raises(ConfigError, match="PRECISION=bf16 with DEVICE=cpu: .*avx512_bf16"):
+            load_settings({"DEVICE": "cpu", "PRECISION": "bf16"})
+
+
+def assert_same_state(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        if isinstance(value, torch.Tensor) and value.is_quantized:
+            assert torch.equal(actual[name].int_repr(), value.int_repr()), name
+            assert torch.equal(actual[name].dequantize(), value.dequantize()), name
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(actual[name], value), name
+
+
+@pytest.fixture(scope="module")
+def int8_run(trained_bundle_path, training_data, tmp_path_factory):
+    """The trained fixture bundle quantized by the library the script calls (48 calibration images)."""
+    output = tmp_path_factory.mktemp("int8") / "model.int8.pt"
+    report = quantize_bundle(trained_bundle_path, training_data, output, 48, 60, batch_size=16, workers=0)
+    return {**report, "output": output}
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch.load of quantized tensors
+def test_int8_file_reloads_without_calibration_and_matches(int8_run, trained_bundle_path, training_data):
+    bundle = load_bundle(trained_bundle_path)
+    state = torch.load(int8_run["output"], weights_only=True)  # a plain dict: safe to load
+    assert state["bundle_hash"] == bundle.content_hash and state["backend"] == "x86"
+    assert state["info"]["calibration"]["images"] == 48
+    reloaded = load_int8(bundle, path=int8_run["output"])
+    model, _ = load_model(trained_bundle_path)
+    images = next(iter(batches([(str(p), 0) for p in sorted((training_data / "val").rglob("*.jpg"))[:8]],
+                               bundle.preprocess, 8, 0)))  # fmt: skip
+    calibrated = quantize(model, [images], bundle.preprocess["crop"])  # a fresh calibration differs...
+    # ...but the reloaded network is the stored one, bit for bit: no recalibration happened.
+    assert_same_state(reloaded.state_dict(), state["state_dict"])
+    with torch.inference_mode():
+        assert reloaded(images).shape == (8, 3)
+        assert not torch.equal(reloaded(images), calibrated(images))
+
+
+def test_each_precision_agrees_with_fp32(int8_run):
+    agreement = int8_run["agreement"]
+    assert agreement["fp32"] == {"agreement": 1.0, "images": 60, "recommended": True}
+    # A 3-epoch, 32-pixel resnet18: int8 flips a few near-ties; the 99% bar decides "recommended".
+    assert agreement["int8"]["images"] == 60 and agreement["int8"]["agreement"] >= 0.9
+    assert agreement["int8"]["recommended"] == (agreement["int8"]["agreement"] >= RECOMMENDED_AGREEMENT)
+    if not NATIVE_BF16:
+        assert "avx512_bf16" in agreement["bf16"]["skipped"]
+        pytest.skip(NO_NATIVE_BF16)
+    assert agreement["bf16"]["agreement"] >= 0.9
+
+
+def test_a_stale_or_foreign_int8_file_is_refused(int8_run, tiny_bundle_path, tmp_path):
+    with pytest.raises(QuantizationError, match="another bundle"):
+        read_int8(int8_run["output"], load_bundle(tiny_bundle_path))
+    with pytest.raises(QuantizationError, match="scripts/quantize.py"):
+        load_int8(load_bundle(tiny_bundle_path), path=tmp_path / "missing.int8.pt")
+    torch.save({"format": {"name": "something-else"}}, tmp_path / "other.pt")
+    with pytest.raises(QuantizationError, match="not an int8 network file"):
+        read_int8(tmp_path / "other.pt", load_bundle(tiny_bundle_path))
+
+
+def test_agreement_without_int8_says_why(trained_bundle_path, training_data):
+    model, bundle = load_model(trained_bundle_path)
+    images = [torch.zeros(2, 3, bundle.preprocess["crop"], bundle.preprocess["crop"])]
+    report = precision_agreement(model, images)
+    assert report["fp32"]["agreement"] == 1.0 and "no int8" in report["int8"]["skipped"]
+
+
+def test_quantize_script_writes_next_to_the_bundle(trained_bundle_path, training_data, tmp_path):
+    bundle = tmp_path / "bundle.pt"
+    bundle.write_bytes(trained_bundle_path.read_bytes())
+    argv = ["--model", str(bundle), "--data-dir", str(training_data), "--calibration-images", "16"]
+    argv += ["--holdout-images", "16", "--workers", "0"]
+    result = subprocess.run(
+        [sys.executable, "scripts/quantize.py", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["int8"] == str(int8_path(bundle)) == str(tmp_path / "bundle.int8.pt")
+    assert set(report["agreement"]) == {"fp32", "bf16", "int8"}
+    bad = subprocess.run(
+        [sys.executable, "scripts/quantize.py", "--model", str(bundle), "--data-dir", str(tmp_path / "nothing")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "error:" in bad.stderr
