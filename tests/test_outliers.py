@@ -28,7 +28,7 @@ TRANSFORM = eval_transform(default_preprocess(32))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_draws_deterministic_varied_rgb_images(family):
     first, again, other = synthetic_outlier(5, family), synthetic_outlier(5, family), synthetic_outlier(6, family)
-    assert first.mode == "RGB" and 64 <= min(first.size) and max(first.size) <= 256
+    assert first.mode == "RGB" and min(first.size) >= 64 and max(first.size) <= 256
     assert np.array_equal(np.asarray(first), np.asarray(again))
     assert first.size != other.size or not np.array_equal(np.asarray(first), np.asarray(other))
     assert np.asarray(first).std() > 3  # not a flat image
@@ -98,3 +98,16 @@ def test_bad_outlier_settings_name_the_setting(settings, message):
     with pytest.raises(SettingError) as info:
         TrainConfig(**settings)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "score"),
+    [
+        ({}, "energy"),
+        ({"outlier_exposure": 0.5}, "max-probability"),
+        ({"outlier_exposure": 0.5, "ood_score": "energy"}, "energy"),
+        ({"ood_score": "mahalanobis"}, "mahalanobis"),
+    ],
+)
+def test_the_auto_score_reads_what_the_training_taught(settings, score):
+    assert TrainConfig(**settings).resolved_ood_score == score
