@@ -15,6 +15,7 @@ from models.ood import SCORES
 from models.training.calibration import calibrate_folder
 from models.training.config import TrainConfig, flag_message
 from models.training.evaluation import model_paths
+from models.training.ood import DEFAULT_SCORE
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="the bundle; None = $MODEL_PATH, else the default bundle")
     parser.add_argument("--data-dir", required=True, help="the training data: DIR/train + DIR/val, or class folders")
     parser.add_argument("--output", help="where to write the calibrated bundle; None = rewrite --model")
-    parser.add_argument("--ood-score", choices=SCORES, default=TrainConfig.ood_score, help="unknown-input score")
+    parser.add_argument("--ood-score", choices=SCORES, default=DEFAULT_SCORE, help="unknown-input score")
     parser.add_argument("--val-split", type=float, default=TrainConfig.val_split, help="as in training")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="as in training")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")

@@ -75,7 +75,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--amp", choices=AMP_CHOICES, default=D.amp, help="mixed precision (auto: bf16 on GPU)")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun")
     run.add_argument("--seed", type=int, default=D.seed, help="random seed")
-    run.add_argument("--ood-score", choices=CHOICES["ood_score"], default=D.ood_score, help="unknown-input score")
+    run.add_argument(
+        "--outlier-exposure", type=float, default=D.outlier_exposure, help="weight of the outlier loss (0 = off)"
+    )
+    run.add_argument("--outliers", default=D.outliers, help="outlier images: synthetic | a folder of negatives")
+    run.add_argument(
+        "--ood-score", choices=CHOICES["ood_score"], default=D.ood_score,
+        help="unknown-input score (auto: max-probability with outlier exposure, else energy)",
+    )  # fmt: skip
     run.add_argument("--demo", action="store_true", help=f"CPU demo preset, explicit flags win: {DEMO_PRESET}")
     run.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     return parser

@@ -22,7 +22,7 @@ from models.training.evaluation import evaluate_bundle
 from models.training.reporting import sibling
 from models.transforms import eval_transform
 from tests.conftest import REPO_ROOT
-from tests.fixtures.training import run_train, train_config
+from tests.fixtures.training import FIXTURE, run_train, train_config
 
 TRAIN_SCRIPT = str(REPO_ROOT / "scripts" / "train.py")
 
@@ -62,13 +62,36 @@ def test_the_service_reproduces_the_validation_accuracy(app_factory, trained_run
         unknown += answer.json["unknown"]
     assert correct / len(images) == pytest.approx(trained_run["best_val_acc"])
     assert unknown / len(images) <= 0.05, "the threshold keeps 95% of the validation images known"
-    # Random noise (what make_demo_data never draws) is flagged far more often.
-    flagged = 0
-    for seed in range(20):
-        encoded = io.BytesIO()
-        noise_image(seed).save(encoded, format="PNG")
-        flagged += client.post("/predict", data=encoded.getvalue(), content_type="image/png").json["unknown"]
-    assert flagged / 20 >= 0.3, f"{flagged} of 20 noise images flagged unknown"
+    # Whether noise looks unknown to this 3-epoch model trained without outliers is luck, not a property: measured
+    # 0 to 60% of noise images flagged depending only on the thread count (float summation order) of training.
+    # What makes it a property is outlier exposure: test_outlier_exposure_teaches_the_service_to_flag_negatives.
+
+
+def noise_png(seed: int) -> bytes:
+    """A random-noise image (demo_data.noise_image) encoded as PNG."""
+    encoded = io.BytesIO()
+    noise_image(seed).save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
+def test_outlier_exposure_teaches_the_service_to_flag_negatives(tmp_path, training_data, app_factory):
+    # A user's own negatives (here noise images 1000-1059) trained towards "none of the classes": held-out images
+    # of that kind (seeds 0-39, never trained on) come back unknown, the validation images stay known.
+    negatives = tmp_path / "negatives"
+    negatives.mkdir()
+    for seed in range(1000, 1060):
+        noise_image(seed).save(negatives / f"{seed}.png")
+    output = tmp_path / "exposed.pt"
+    summary = run_train(training_data, output, **FIXTURE, outlier_exposure=0.5, outliers=str(negatives))
+    assert all(row["outlier_loss"] > 0 for row in summary["history"])
+    assert summary["best_val_acc"] >= 0.55
+    client = app_factory(output).test_client()
+    assert client.get("/model").json["ood"]["score"] == "max-probability"  # `auto` after outlier exposure
+    images = sorted((training_data / "val").rglob("*.jpg"))
+    known = [client.post("/predict", data=path.read_bytes(), content_type="image/jpeg").json for path in images]
+    assert sum(answer["unknown"] for answer in known) / len(images) <= 0.05
+    noise = [client.post("/predict", data=noise_png(seed), content_type="image/png").json for seed in range(40)]
+    assert sum(answer["unknown"] for answer in noise) / len(noise) >= 0.9, [a["ood_score"] for a in noise]
 
 
 def test_history_curves_and_checkpoint_are_written(trained_bundle_path):

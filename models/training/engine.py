@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -11,6 +13,7 @@ from tqdm import tqdm
 from models.predictor import MemberOutput, Output, Predictor, concat, tta_views
 from models.runtime import Runtime
 from models.training.distributed import all_reduce_sum
+from models.training.outliers import uniform_cross_entropy
 
 
 def make_scaler(runtime: Runtime) -> torch.amp.GradScaler:
@@ -28,16 +31,30 @@ def bar(iterable, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=not enabled)
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """Outlier exposure: a loader of outlier batches (at least one per training step) and the loss weight."""
+
+    loader: Iterable
+    weight: float
+
+
 def _hard_labels(targets: torch.Tensor) -> torch.Tensor:
     return targets.argmax(dim=1) if targets.ndim == 2 else targets
 
 
 def train_one_epoch(
-    model, loader, criterion, optimizer, scaler, runtime: Runtime, schedule, epoch: int, mix=None, progress=False
-):
-    """One pass over `loader`; returns loss, acc, images and images/s summed over all processes."""
+    model, loader, criterion, optimizer, scaler, runtime: Runtime, schedule, epoch: int, mix=None, progress=False,
+    exposure: Exposure | None = None,
+):  # fmt: skip
+    """One pass over `loader`; returns loss (the classification loss), acc, images and images/s over all processes.
+
+    With `exposure`, every step also feeds a batch of its outliers through the same forward pass and adds
+    `exposure.weight` times their cross-entropy from the uniform distribution (reported as `outlier_loss`).
+    """
     model.train()
-    totals = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss sum, correct, images
+    totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss sum, correct, images, outlier loss
+    outliers, weight = (iter(exposure.loader), exposure.weight) if exposure is not None else (None, 0.0)
     runtime.synchronize()
     start = time.perf_counter()
     for step, (images, labels) in enumerate(bar(loader, f"epoch {epoch} train", progress)):
@@ -46,20 +63,30 @@ def train_one_epoch(
         targets = labels
         if mix is not None:
             images, targets = mix(images, labels)
+        extra = runtime.to_device(next(outliers)[0]) if outliers is not None else None
         with runtime.autocast():
-            logits = model(images)
-            loss = criterion(logits, targets)
+            logits = model(images if extra is None else torch.cat([images, extra]))
+            logits, outlier_logits = logits[: len(images)], logits[len(images) :]
+            class_loss = criterion(logits, targets)
+            outlier_loss = uniform_cross_entropy(outlier_logits) if extra is not None else class_loss.new_zeros(())
+            loss = class_loss + weight * outlier_loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         correct = (logits.argmax(dim=1) == _hard_labels(targets)).sum()
-        totals += torch.stack([loss.detach().double() * len(labels), correct.double(), totals.new_tensor(len(labels))])
+        size = totals.new_tensor(len(labels))
+        totals += torch.stack(
+            [class_loss.detach().double() * size, correct.double(), size, outlier_loss.detach() * size]
+        )
     runtime.synchronize()
     seconds = time.perf_counter() - start
-    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    loss_sum, correct, count, outlier_sum = all_reduce_sum(totals).tolist()
     count = max(count, 1.0)
-    return {"loss": loss_sum / count, "acc": correct / count, "images": int(count), "images_per_s": count / seconds}
+    result = {"loss": loss_sum / count, "acc": correct / count, "images": int(count), "images_per_s": count / seconds}
+    if exposure is not None:
+        result["outlier_loss"] = outlier_sum / count
+    return result
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 EPOCH_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "time_s")
+OPTIONAL_FIELDS = ("outlier_loss",)  # with outlier exposure
 
 
 def sibling(path: str | Path, suffix: str) -> Path:
@@ -60,7 +61,7 @@ def epoch_line(row: dict) -> str:
         f"epoch {row['epoch']:3d} | lr {row['lr']:.2e} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
         f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} | {row['images_per_s']:.1f} img/s"
         f" | {row['time_s']:.1f}s"
-    )
+    ) + (f" | outlier loss {row['outlier_loss']:.4f}" if "outlier_loss" in row else "")
 
 
 def write_json(path: str | Path, data: dict) -> Path:
@@ -76,7 +77,8 @@ def write_history(output: str | Path, history: dict) -> list[Path]:
     json_path = write_json(sibling(output, ".history.json"), history)
     csv_path = sibling(output, ".history.csv")
     with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=EPOCH_FIELDS, extrasaction="ignore")
+        extra = [name for name in OPTIONAL_FIELDS if any(name in row for row in history["epochs"])]
+        writer = csv.DictWriter(handle, fieldnames=[*EPOCH_FIELDS, *extra], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history["epochs"])
     return [json_path, csv_path]

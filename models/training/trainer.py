@@ -34,7 +34,8 @@ from models.training.data import (
     steps_per_epoch,
     train_sampler,
 )
-from models.training.engine import evaluate, make_scaler, progress_enabled, train_one_epoch
+from models.training.engine import Exposure, evaluate, make_scaler, progress_enabled, train_one_epoch
+from models.training.outliers import outlier_dataset, outlier_loader
 from models.training.reporting import classification_report, epoch_line, plot_curves, sibling, write_history
 from models.training.strategies import LRSchedule, build_optimizer, carry_state, parse_lr_mults, trainable_at
 from models.transforms import default_preprocess, eval_transform, train_transform
@@ -139,6 +140,17 @@ def build_loaders(config: TrainConfig, data: DataSplit, preprocess: dict, ctx: C
     val_sampler = ShardSampler(len(val_set), rank, world)
     val_loader = make_loader(val_set, config.batch_size, config.workers, val_sampler, pin=pin)
     return train_loader, val_loader
+
+
+def build_exposure(config: TrainConfig, data: DataSplit, preprocess: dict, ctx: Context) -> Exposure | None:
+    """Outlier exposure's loader (one batch of `batch_size` outliers per training step, this rank's draws) or None."""
+    if config.outlier_exposure <= 0:
+        return None
+    rank = ctx.dist.rank
+    dataset = outlier_dataset(config.outliers, train_transform(preprocess, config.augment), seed=config.seed + rank)
+    steps = steps_per_epoch(len(data.train), config.batch_size, ctx.dist.world_size)
+    loader = outlier_loader(dataset, config.batch_size, steps, config.workers, seed=config.seed + rank)
+    return Exposure(loader, config.outlier_exposure)
 
 
 def build_criterion(config: TrainConfig, data: DataSplit, device: torch.device) -> nn.Module:
@@ -271,15 +283,15 @@ def write_reports(config: TrainConfig, state: TrainState, data: DataSplit) -> No
     plot_curves(state.history, sibling(config.output, ".curves.png"))
 
 
-def run_epoch(epoch: int, state: TrainState, loaders, criteria, ctx: Context, mix) -> tuple[dict, dict]:
-    """Train one epoch then validate; returns the history row and the validation result."""
+def run_epoch(epoch: int, state: TrainState, loaders, criteria, ctx: Context, mix, exposure=None) -> tuple[dict, dict]:
+    """Train one epoch (with outlier exposure when given) then validate; returns the history row and the validation."""
     train_loader, val_loader = loaders
     if hasattr(train_loader.sampler, "set_epoch"):
         train_loader.sampler.set_epoch(epoch)
     start = time.perf_counter()
     train = train_one_epoch(
         state.net, train_loader, criteria[0], state.optimizer, state.scaler, ctx.runtime, state.schedule, epoch, mix,
-        progress=ctx.progress,
+        progress=ctx.progress, exposure=exposure,
     )  # fmt: skip
     # Each process updated its own batch-norm statistics; validate (and save) rank 0's on every shard.
     dist_utils.broadcast_buffers(state.model)
@@ -297,6 +309,8 @@ def run_epoch(epoch: int, state: TrainState, loaders, criteria, ctx: Context, mi
         "time_s": time.perf_counter() - start,
         "trainable": list(state.stage),
     }
+    if "outlier_loss" in train:
+        row["outlier_loss"] = train["outlier_loss"]
     return row, val
 
 
@@ -334,7 +348,7 @@ def calibrate(config: TrainConfig, data: DataSplit, ctx: Context) -> dict | None
         )
         for samples in (data.val, data.train)
     )
-    calibration = fit_bundle(config.output, val, reference, ctx.runtime, config.ood_score, ctx.progress)
+    calibration = fit_bundle(config.output, val, reference, ctx.runtime, config.resolved_ood_score, ctx.progress)
     ctx.log(
         f"calibration: temperature {calibration['temperature']:.3f}, 15-bin ECE {calibration['ece_before']:.4f} "
         f"-> {calibration['ece_after']:.4f} on {calibration['images']} validation images; bundle {config.output}"
@@ -352,14 +366,16 @@ def save_best(config: TrainConfig, state: TrainState, data: DataSplit, ctx: Cont
 
 def fit(config: TrainConfig, state: TrainState, data: DataSplit, ctx: Context, lr_mults: dict, weights: str) -> dict:
     """The epoch loop."""
-    loaders = build_loaders(config, data, default_preprocess(config.image_size), ctx)
+    preprocess = default_preprocess(config.image_size)
+    loaders = build_loaders(config, data, preprocess, ctx)
+    exposure = build_exposure(config, data, preprocess, ctx)
     criteria = (build_criterion(config, data, ctx.dist.device), nn.CrossEntropyLoss())
     mix = build_mix(config, len(data.class_names))
     for epoch in range(state.start_epoch, config.epochs):
         groups = trainable_at(config.strategy, state.model.group_names(), epoch, config.unfreeze_every)
         if set_stage(state, groups, config, ctx, lr_mults):
             ctx.log(f"epoch {epoch}: training {', '.join(groups)}")
-        row, val = run_epoch(epoch, state, loaders, criteria, ctx, mix)
+        row, val = run_epoch(epoch, state, loaders, criteria, ctx, mix, exposure)
         state.history.append(row)
         ctx.log(epoch_line(row))
         improved = val["acc"] > state.best_acc
