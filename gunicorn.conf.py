@@ -11,9 +11,13 @@ import shutil
 import sys
 import tempfile
 
-# Request threads (preprocessing) and the batcher thread each run an OpenMP team; spinning idle teams
-# starve the busy one (measured: 7 vs 54 req/s on 2 shared cores). Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Only the batcher thread runs torch kernels on the /predict path (request threads decode and resize with PIL), so
+# one OpenMP team computes. Its helper threads spin briefly at each of a forward pass's ~650 barriers instead of
+# sleeping (OMP_WAIT_POLICY=PASSIVE cost 35-60 ms per ResNet-50 forward on a quiet 2-core VM, measured), and sleep
+# after ~GOMP_SPINCOUNT iterations, so an idle team does not starve other threads as libgomp's default spinning
+# did. An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. Must be set before torch is imported.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 # prometheus_client picks its (multiprocess) value class at import time, and importing the app package
@@ -41,6 +45,12 @@ def _settings():
                 f"MODEL_PATH={missing[0]!r} is not a file; "
                 "train a bundle first (make model, or python scripts/train.py --output PATH)"
             )
+        if app.precision == "int8":
+            from models.quantize import int8_problem
+
+            problem = next(filter(None, map(int8_problem, app.model_paths)), None)
+            if problem:
+                raise ConfigError(f"PRECISION=int8: {problem}")
     except ConfigError as error:
         if not lifecycle.is_reload() or server is None:  # the environment, hence the server settings, cannot change
             sys.exit(f"configuration error: {error}")

@@ -6,8 +6,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -53,7 +54,12 @@ class _Item:
 
 
 class MicroBatcher:
-    """Groups submitted tensors into batches for `predict`, a callable (stacked batch) -> per-row outputs."""
+    """Groups submitted tensors into batches for `predict`, a callable (collated batch) -> per-row outputs.
+
+    `collate` (default torch.stack) turns the batch's items into `predict`'s input, in the batcher thread. A batch
+    waits for more items (at most max_wait_s after its oldest) only while callers announced with `preparing` are
+    still on their way; with nobody preparing, what is queued runs at once.
+    """
 
     def __init__(
         self,
@@ -63,10 +69,12 @@ class MicroBatcher:
         max_queue: int = 256,
         observer: BatchObserver | None = None,
         name: str = "micro-batcher",
+        collate: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack,
     ):
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_s >= 0")
         self.predict = predict
+        self.collate = collate
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -74,6 +82,7 @@ class MicroBatcher:
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._preparing = 0  # items announced by callers that are still decoding them
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # Lifecycle
@@ -102,6 +111,18 @@ class MicroBatcher:
         return len(self._queue)
 
     # Request side
+
+    @contextmanager
+    def preparing(self, count: int = 1) -> Iterator[None]:
+        """Announce `count` items that will be submitted inside this block: a batch may wait for them."""
+        with self._cond:
+            self._preparing += count
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= count
+                self._cond.notify()
 
     def submit(self, tensor: torch.Tensor, timeout_s: float = 30.0) -> Future:
         """Queue one input; the future's result is its row of `predict`'s output."""
@@ -132,14 +153,15 @@ class MicroBatcher:
             self._fail_pending()
 
     def _next_batch(self) -> list[_Item] | None:
-        """Block until a batch is due: full, or the oldest item has waited max_wait_s. None = stop."""
+        """Block until a batch is due: full, nobody preparing more, or the oldest waited max_wait_s. None = stop."""
         with self._cond:
             while not self._queue:
                 if self._stopping:
                     return None
                 self._cond.wait()
             due = self._queue[0].enqueued + self.max_wait_s
-            while len(self._queue) < self.max_batch_size and not self._stopping:
+            # Waiting for nobody cost every lone request max_wait_s (5.3 ms measured at 1 client).
+            while len(self._queue) < self.max_batch_size and self._preparing > 0 and not self._stopping:
                 remaining = due - time.monotonic()
                 if remaining <= 0:
                     break
@@ -170,7 +192,7 @@ class MicroBatcher:
             return
         try:
             start = time.perf_counter()
-            outputs = self.predict(torch.stack([item.tensor for item in live]))
+            outputs = self.predict(self.collate([item.tensor for item in live]))
             self.observer.batch_done(len(live), time.perf_counter() - start)
             if len(outputs) != len(live):
                 raise RuntimeError(f"predict returned {len(outputs)} rows for a batch of {len(live)}")

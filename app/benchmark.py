@@ -1,15 +1,14 @@
 """One side-by-side benchmark run: the raw model limit, the real service at each concurrency, the same service with
 MAX_BATCH_SIZE=1, and the seed pattern (scripts/naive_server.py); reported as JSON, a markdown table and a plot.
 
-Every system gets the same environment: one worker, the same TORCH_THREADS and THREADS, and OMP_WAIT_POLICY=PASSIVE
-(what gunicorn.conf.py sets for the service). The raw limit runs in a child process with that environment, through
-the service's own preprocessing and inference code. scripts/benchmark.py is the command line; the service never
-imports this module.
+Every system gets the same environment: one worker, the same TORCH_THREADS and THREADS, and the OpenMP policy that
+gunicorn.conf.py gives the service (GOMP_SPINCOUNT=10000; --env OMP_WAIT_POLICY=PASSIVE measures the old one). The
+raw limit runs in a child process with that environment, through the service's own preprocessing and inference
+code. scripts/benchmark.py is the command line; the service never imports this module.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -26,7 +25,7 @@ from app.config import load_server_settings
 from app.harness import ROOT, SERVER_COMMAND, spawned
 from app.loadgen import RssSampler, children, closed_loop
 
-BASE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "WEB_CONCURRENCY": "1"}
+BASE_ENV = {"GOMP_SPINCOUNT": "10000", "WEB_CONCURRENCY": "1"}  # the spin bound as gunicorn.conf.py sets it
 KINDS = {"raw": "raw model", "service": "service", "unbatched": "service MAX_BATCH_SIZE=1", "naive": "naive Flask"}
 RAW_PROBE = """
 import json, sys
@@ -59,6 +58,7 @@ class BenchmarkConfig:
     threads: int | None = None
     torch_threads: int | None = None
     extra_env: dict = field(default_factory=dict)
+    systems: tuple[str, ...] = tuple(KINDS)  # which of raw, service, unbatched, naive run
 
     def env(self, **overrides) -> dict:
         """The environment every server (and the raw probe) of this run gets."""
@@ -86,24 +86,18 @@ def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: 
     from app.config import ConfigError, load_settings
     from app.inference import build_classifier, serving_device
     from models.ensemble import load_ensemble
-    from models.quantize import QuantizationError, load_int8
+    from models.quantize import QuantizationError
 
     try:
-        # int8 is not a serving setting yet: the fp32 service code with the stored int8 network swapped in.
-        settings = load_settings(
-            overrides={"MODEL_PATH": model, "PRECISION": "fp32" if precision == "int8" else precision}
-        )
+        settings = load_settings(overrides={"MODEL_PATH": model, "PRECISION": precision})
         ensemble = load_ensemble(settings.model_paths)
         classifier = build_classifier(settings, ensemble, serving_device(settings))
-        if precision == "int8":
-            members = classifier.predictor.members
-            members[0] = dataclasses.replace(members[0], model=load_int8(ensemble.bundles[0], members[0].model))
     except (ConfigError, QuantizationError) as error:
         return {"skipped": str(error)}
     data = Path(image).read_bytes()
     preprocess = _timed(lambda: classifier.preprocess(data), min(seconds, 3.0))
-    tensor = classifier.preprocess(data)
-    one, full = tensor[None], torch.stack([tensor] * batch_size)
+    pixels = classifier.preprocess(data)
+    one, full = classifier.collate(pixels), classifier.collate(pixels * batch_size)
     classifier.warmup((1, batch_size))
     # CPU time of every thread of this process (OpenMP's too): what bounds throughput on a few shared cores.
     cpu_single = time.process_time()
@@ -169,11 +163,13 @@ def run_server(config: BenchmarkConfig, system: dict, env: dict, command=SERVER_
         with spawned(env, workers, log_path, command) as (process, url), RssSampler(process.pid) as rss:
             for concurrency in config.concurrencies:
                 pids = (*children(process.pid), process.pid)
+                measured_from = rss.elapsed() + config.warmup_s
                 point = closed_loop(
                     url, body, concurrency, config.seconds, config.warmup_s, observe=workers > 0, server_pids=pids
                 )
                 points.append({**point, "rss_mib": rss.samples[-1][1] if rss.samples else None})
-                points[-1]["peak_rss_mib"] = rss.peak_mib()
+                # Memory flatness: RSS growth over the measured seconds (last quarter minus first quarter).
+                points[-1].update(peak_rss_mib=rss.peak_mib(), rss_growth_mib=rss.growth_mib(measured_from))
     except (RuntimeError, TimeoutError) as error:
         return {**system, "error": [str(error), why_it_failed(log_path)], "points": points}
     return {**system, "env": env, "points": points, "rss_series": rss.samples}
@@ -192,14 +188,17 @@ def run(config: BenchmarkConfig, progress: Callable[[str], None] = print) -> dic
         systems.append(result)
         progress(json.dumps({k: v for k, v in result.items() if k not in ("env", "rss_series")})[:600])
 
-    for precision in config.precisions:
+    wanted = set(config.systems)
+    for precision in config.precisions if "raw" in wanted else ():
         record(run_raw(config, precision))
-    for precision in config.precisions:
+    for precision in config.precisions if "service" in wanted else ():
         record(run_server(config, _system("service", precision), config.env(PRECISION=precision)))
     first = config.precisions[0]
-    record(run_server(config, _system("unbatched", first), config.env(PRECISION=first, MAX_BATCH_SIZE=1)))
-    threads = config.threads or load_server_settings().threads
-    record(run_server(config, _system("naive", "fp32"), config.env(), naive_command(threads)))
+    if "unbatched" in wanted:
+        record(run_server(config, _system("unbatched", first), config.env(PRECISION=first, MAX_BATCH_SIZE=1)))
+    if "naive" in wanted:
+        threads = config.threads or load_server_settings().threads
+        record(run_server(config, _system("naive", "fp32"), config.env(), naive_command(threads)))
     report["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     report["targets"] = targets(report)
     write_report(report, Path(config.out))
@@ -278,30 +277,31 @@ def markdown(report: dict) -> str:
     """The run as markdown: one row per system and concurrency, then the targets."""
     lines = [
         "| system | clients | img/s | p50 ms | p95 ms | p99 ms | errors | mean batch | batcher busy "
-        "| server CPU ms/img | other load (cores) | peak RSS MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| server CPU ms/img | other load (cores) | peak RSS MiB | RSS growth MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for system in report["systems"]:
         name = system["system"]
         if system["kind"] == "raw":
             if "throughput" not in system:
-                lines.append(f"| {name} | - | skipped: {system.get('skipped') or system.get('error')} |||||||||| ")
+                lines.append(f"| {name} | - | skipped: {system.get('skipped') or system.get('error')} ||||||||||| ")
                 continue
             lines.append(
                 f"| {name}, batch 1 / {system['batch_size']} | in-process | {system['throughput_b1']:.1f} / "
                 f"{system['throughput']:.1f} | {system['forward_ms_b1']:.0f} (forward) | | | | | | "
-                f"{system['cpu_ms_per_image']:.0f} | | {system['peak_rss_mib']:.0f} |"
+                f"{system['cpu_ms_per_image']:.0f} | | {system['peak_rss_mib']:.0f} | |"
             )
             continue
         if "error" in system and not system.get("points"):
-            lines.append(f"| {name} | - | did not run: {' / '.join(system['error'])[:200]} |||||||||| ")
+            lines.append(f"| {name} | - | did not run: {' / '.join(system['error'])[:200]} ||||||||||| ")
         for p in system.get("points", []):
             server = p.get("server") or {}
             lines.append(
                 f"| {name} | {p['concurrency']} | {p['throughput']:.1f} | {p['p50_ms']:.0f} | {p['p95_ms']:.0f} | "
                 f"{p['p99_ms']:.0f} | {p['errors']} | {_cell(server.get('mean_batch_size'), 2)} | "
                 f"{_cell(server.get('batcher_busy'), 2)} | {_cell(p.get('server_cpu_ms_per_request'), 0)} | "
-                f"{_cell(p.get('other_busy_cores'), 2)} | {_cell(p.get('peak_rss_mib'), 0)} |"
+                f"{_cell(p.get('other_busy_cores'), 2)} | {_cell(p.get('peak_rss_mib'), 0)} | "
+                f"{_cell(p.get('rss_growth_mib'), 0)} |"
             )
     lines += ["", "| precision | target | value | goal | met |", "| --- | --- | --- | --- | --- |"]
     for row in report["targets"]:

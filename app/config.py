@@ -15,7 +15,7 @@ from models.images import DEFAULT_MAX_PIXELS
 from models.runtime import precision_problem
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # A model name must be one URL path segment that Kubernetes, KServe and Triton clients accept unquoted.
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -50,6 +50,7 @@ class Settings:
     metrics_public: bool = True
     explain_concurrency: int = 1
     ui_enabled: bool = True  # GET / serves the try-it page (app/ui)
+    gpu_decode: bool = False  # decode JPEGs on the GPU (nvJPEG) and resize there; CUDA only
 
     @property
     def max_upload_bytes(self) -> int:
@@ -169,6 +170,7 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
     "metrics_public": _flag,
     "explain_concurrency": _number(int, 1, 64),
     "ui_enabled": _flag,
+    "gpu_decode": _flag,
 }
 
 
@@ -179,7 +181,9 @@ class ServerSettings:
     port: int = 5000
     bind: str = ""  # empty = 0.0.0.0:PORT
     web_concurrency: int = 1
-    threads: int = 16
+    # >= 2 x MAX_BATCH_SIZE: one batch computes while the next is decoded in request threads (phase 1, 32 clients:
+    # THREADS=16 gave mean batch 8, 16 clients queued in gunicorn; 48 gave full batches of 16).
+    threads: int = 40
     timeout: int = 120
     graceful_timeout: int = 30
     keepalive: int = 5
@@ -232,10 +236,13 @@ def default_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def _check_combination(settings: Settings) -> None:
-    if settings.device == "cpu":
-        problem = precision_problem(settings.precision, torch.device("cpu"))
+    """Combinations that are wrong whatever the machine has (the device itself is checked when a worker starts)."""
+    if settings.device == "cpu" or (settings.precision == "int8" and settings.device != "auto"):
+        problem = precision_problem(settings.precision, torch.device(settings.device.partition(":")[0]))
         if problem:
-            raise ConfigError(f"PRECISION={settings.precision} with DEVICE=cpu: {problem}")
+            raise ConfigError(f"PRECISION={settings.precision} with DEVICE={settings.device}: {problem}")
+    if settings.gpu_decode and settings.device == "cpu":
+        raise ConfigError("GPU_DECODE=true with DEVICE=cpu: decoding on the GPU needs DEVICE=cuda (or auto on a GPU)")
 
 
 def load_settings(environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None) -> Settings:

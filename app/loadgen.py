@@ -233,17 +233,30 @@ class RssSampler:
         self.samples: list[tuple[float, float]] = []  # (seconds since start, MiB of the largest worker)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self.started = time.perf_counter()
 
     def _workers(self) -> list[int]:
         return children(self.master_pid) or [self.master_pid]
 
     def _run(self) -> None:
-        start = time.perf_counter()
         while not self._stop.wait(self.interval):
             rss = max((_status_kib(pid, "VmRSS:") for pid in self._workers()), default=0)
-            self.samples.append((round(time.perf_counter() - start, 1), round(rss / 1024, 1)))
+            self.samples.append((round(self.elapsed(), 1), round(rss / 1024, 1)))
+
+    def elapsed(self) -> float:
+        """Seconds since sampling started (the samples' clock)."""
+        return time.perf_counter() - self.started
+
+    def growth_mib(self, since: float) -> float | None:
+        """Mean RSS of the last quarter of the samples after `since` minus that of the first quarter: ~0 = flat."""
+        window = [mib for at, mib in self.samples if at >= since]
+        if len(window) < 4:
+            return None
+        quarter = len(window) // 4
+        return round(sum(window[-quarter:]) / quarter - sum(window[:quarter]) / quarter, 1)
 
     def __enter__(self) -> RssSampler:
+        self.started = time.perf_counter()
         self._thread.start()
         return self
 

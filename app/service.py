@@ -19,7 +19,7 @@ from app.schemas import ExplainQuerySchema, PredictQuerySchema
 from models.ensemble import Ensemble
 from models.explain import ExplainError
 from models.images import ImageError
-from models.predictor import Output, average, tta_views
+from models.predictor import Output, average
 
 log = logging.getLogger(__name__)
 EXTENSION = "petclf"  # the Service's key in app.extensions
@@ -63,6 +63,7 @@ class Service:
             max_wait_s=settings.max_batch_wait_ms / 1000,
             max_queue=settings.max_queue,
             observer=self.metrics,
+            collate=classifier.collate,
         ).start()
         self.classifier = classifier
         self.metrics.set_model(self.bundle.version, self.bundle.arch, str(classifier.device))
@@ -117,8 +118,11 @@ class Service:
         deadline = self._deadline(arrived)
         classifier, batcher = self._ready()
         self._check_deadline(deadline)  # it waited for a thread past its deadline: answer at once, compute nothing
-        views = [tta_views(tensor, tta) for tensor in self._preprocess(classifier, images)]
-        rows = iter(self._compute(batcher, [view for image_views in views for view in image_views], deadline))
+        # Announced before decoding: a batch forming meanwhile waits for these items (up to MAX_BATCH_WAIT_MS).
+        with batcher.preparing(len(images) * (1 if tta == "none" else 2)):  # flip: two views per image
+            views = self._preprocess(classifier, images, tta)
+            rows = self._submit_all(batcher, [view for image_views in views for view in image_views], deadline)
+        rows = iter(self._results(rows, deadline))
         return self._counted([average([next(rows) for _ in image_views]) for image_views in views])
 
     def probabilities(self, images: list[bytes], arrived: float | None = None) -> torch.Tensor:
@@ -130,7 +134,9 @@ class Service:
         deadline = self._deadline(arrived)
         _, batcher = self._ready()
         self._check_pixels(pixels)
-        outputs = self._counted(self._compute(batcher, list(pixels), deadline))
+        with batcher.preparing(len(pixels)):
+            futures = self._submit_all(batcher, list(pixels), deadline)
+        outputs = self._counted(self._results(futures, deadline))
         return torch.cat([output.probs for output in outputs])
 
     def _deadline(self, arrived: float | None) -> float:
@@ -192,16 +198,17 @@ class Service:
         return remaining
 
     @staticmethod
-    def _preprocess(classifier: Classifier, images: list[bytes]) -> list[torch.Tensor]:
+    def _preprocess(classifier: Classifier, images: list[bytes], tta: str) -> list[list[torch.Tensor]]:
+        """Each image's views as uint8 pixels; ImageError names the image's position in a batch."""
         if len(images) == 1:
-            return [classifier.preprocess(images[0])]
-        tensors = []
+            return [classifier.preprocess(images[0], tta)]
+        views = []
         for index, data in enumerate(images):
             try:
-                tensors.append(classifier.preprocess(data))
+                views.append(classifier.preprocess(data, tta))
             except ImageError as error:
                 raise type(error)(f"image {index}: {error}") from error
-        return tensors
+        return views
 
     def _submit_all(
         self, batcher: MicroBatcher, tensors: list[torch.Tensor], deadline: float
@@ -217,9 +224,8 @@ class Service:
             raise ApiError("queue_full" if isinstance(error, QueueFull) else "not_ready", str(error)) from error
         return futures
 
-    def _compute(self, batcher: MicroBatcher, tensors: list[torch.Tensor], deadline: float) -> list[Output]:
-        """The Output row of each tensor, computed by the batcher before `deadline`."""
-        futures = self._submit_all(batcher, tensors, deadline)
+    def _results(self, futures: list[concurrent.futures.Future], deadline: float) -> list[Output]:
+        """The Output row of each submitted tensor, computed by the batcher before `deadline`."""
         try:
             return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except (concurrent.futures.TimeoutError, DeadlineExceeded) as error:
@@ -230,6 +236,11 @@ class Service:
         finally:
             for future in futures:
                 future.cancel()  # no-op for finished ones; queued ones are skipped, not computed
+
+    def _member_info(self) -> list[dict]:
+        if self.classifier is None:
+            return [{} for _ in self.bundle.bundles]
+        return self.classifier.member_info()
 
     def model_info(self) -> dict:
         """The served model and the serving settings (GET /model)."""
@@ -245,7 +256,7 @@ class Service:
             "metrics": bundle.metrics,
             "calibration": bundle.calibration(),
             "ood": bundle.ood(),
-            "members": bundle.members(),
+            "members": [{**one, **extra} for one, extra in zip(bundle.members(), self._member_info(), strict=True)],
             "device": str(self.device),
             "precision": settings.precision,
             "ready": not self.reasons(),

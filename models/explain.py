@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from models.predictor import MemberOutput, Output, Predictor
+from models.transforms import crop_box
 
 FAMILIES = ("resnet", "mobilenet", "efficientnet", "convnext")  # what the split below knows
 # The deepest stage whose map is at least this wide is explained: at 224 pixels that is the last stage (7x7),
@@ -134,19 +135,6 @@ def grad_cam(predictor: Predictor, image: torch.Tensor, class_index: int | None 
         for graph, member in zip(graphs, predictor.members, strict=True)
     ]
     return torch.stack(heats).mean(dim=0).numpy(), prediction
-
-
-def crop_box(size: tuple[int, int], preprocess: dict) -> tuple[float, float, float, float]:
-    """Where the eval transform's centre crop lies in an image of `size` (width, height): (left, top, right, bottom)."""
-    width, height = size
-    resize, crop = preprocess["resize"], preprocess["crop"]
-    # torchvision's Resize(int) and CenterCrop arithmetic, mapped back to the original pixels.
-    short, long = sorted((width, height))
-    scaled_long = int(resize * long / short)
-    new_w, new_h = (resize, scaled_long) if width <= height else (scaled_long, resize)
-    left, top = round((new_w - crop) / 2.0), round((new_h - crop) / 2.0)
-    sx, sy = width / new_w, height / new_h
-    return (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
 
 
 def colormap(heat: np.ndarray) -> np.ndarray:

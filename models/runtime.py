@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.fx
+import torch.nn.utils.fusion
 from torch import nn
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
@@ -74,14 +76,25 @@ def cpu_bf16_problem(features: Mapping[str, object] | None = None) -> str | None
     )
 
 
+def int8_engine_problem() -> str | None:
+    """None when this torch build has the x86 quantized engine (FBGEMM/oneDNN) that int8 runs on, else why not."""
+    if "x86" in torch.backends.quantized.supported_engines:
+        return None
+    return f"this torch build has no x86 quantized engine (it has {torch.backends.quantized.supported_engines})"
+
+
 def precision_problem(precision: str, device: torch.device) -> str | None:
-    """None when `device` runs PRECISION fp32/bf16/fp16 well, else why not (bf16 on CPU needs native support)."""
+    """None when `device` runs PRECISION fp32/bf16/fp16/int8 well, else why not and what to use instead."""
     if precision == "fp32":
         return None
+    if precision == "int8":
+        if device.type != "cpu":
+            return f"int8 runs on x86 CPUs only (FBGEMM/oneDNN): on {device.type} use fp16 or bf16, or set DEVICE=cpu"
+        return int8_engine_problem()
     if device.type == "cpu":
         if precision == "bf16":
             return cpu_bf16_problem()
-        return f"{precision} needs a CUDA device (on CPU: fp32, or bf16 where the CPU has avx512_bf16 or AMX)"
+        return f"{precision} needs a CUDA device (on CPU: fp32, int8, or bf16 where the CPU has avx512_bf16 or AMX)"
     if device.type != "cuda":
         return f"{precision} is supported on CUDA and CPU devices only, not {device.type}"
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
@@ -129,6 +142,40 @@ class Runtime:
         """Wait for queued GPU work (timing, warm-up); a no-op on the CPU."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm2d fed by a Conv2d alone into that convolution, in place; returns how many.
+
+    The folded BatchNorm becomes nn.Identity, so the module tree (and e.g. the backbone/head split) stays as it
+    was, and the outputs are equal to float rounding. A model torch.fx cannot trace is left as it is (0).
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # tracing fails on data-dependent control flow: such a model simply runs unfolded
+        return 0
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if (
+            isinstance(modules.get(node.target), nn.BatchNorm2d)
+            and isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and isinstance(modules.get(source.target), nn.Conv2d)
+            and len(source.users) == 1
+        ):
+            pairs.append((source.target, node.target))
+    for conv_name, bn_name in pairs:
+        fused = torch.nn.utils.fusion.fuse_conv_bn_eval(modules[conv_name], modules[bn_name])
+        _replace(model, conv_name, fused.requires_grad_(modules[conv_name].weight.requires_grad))
+        _replace(model, bn_name, nn.Identity())
+    return len(pairs)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def top_indices(probs: list[float], k: int) -> list[int]:

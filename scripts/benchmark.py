@@ -19,6 +19,8 @@ from pathlib import Path
 
 from models.bundle import DEFAULT_BUNDLE_PATH
 
+KINDS = ("raw", "service", "unbatched", "naive")  # app.benchmark.KINDS, without importing torch for --help
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = ROOT / "tests" / "data" / "rocket.jpg"  # a 640x427 camera JPEG
 
@@ -41,6 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="MAX_BATCH_WAIT_MS")
     serve.add_argument("--threads", type=int, help="THREADS per worker (default: the service's)")
     serve.add_argument("--torch-threads", type=int, help="TORCH_THREADS (default: the service's)")
+    serve.add_argument("--systems", nargs="+", default=list(KINDS), choices=KINDS, help="which systems run")
+    serve.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE", help="extra environment for every system")
     parser.add_argument("--url", default="http://127.0.0.1:5000", help="server to load (serve)")
     model = parser.add_argument_group("--mode model")
     model.add_argument("--arch", nargs="+", default=["resnet50"], help="architectures to measure")
@@ -70,6 +74,8 @@ def compare(args) -> dict:
         max_batch_wait_ms=args.max_batch_wait_ms,
         threads=args.threads,
         torch_threads=args.torch_threads,
+        extra_env=dict(item.split("=", 1) for item in args.env),
+        systems=tuple(args.systems),
     )
     report = run(config)
     print((args.out / "benchmark.md").read_text())

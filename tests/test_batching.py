@@ -175,13 +175,40 @@ def test_stop_finishes_queued_work_then_refuses(batchers):
         batcher.submit(torch.ones(1))
 
 
-def test_waits_for_more_items_up_to_max_wait(batchers):
+def test_waits_for_announced_items_until_the_batch_is_full(batchers):
     recorder = Recorder()
     batcher = batchers(lambda batch: batch, max_batch_size=2, max_wait_s=WAIT, observer=recorder)
-    first = batcher.submit(torch.zeros(1))
-    second = batcher.submit(torch.ones(1))  # the batch is full: it runs without waiting max_wait_s
+    with batcher.preparing(2):
+        first = batcher.submit(torch.zeros(1))  # another item is announced: the batch waits for it
+        second = batcher.submit(torch.ones(1))  # the batch is full: it runs without waiting max_wait_s
     assert first.result(WAIT).item() == 0.0 and second.result(WAIT).item() == 1.0
     assert recorder.sizes == [2]
+
+
+def test_a_lone_item_does_not_wait(batchers):
+    """Nobody is preparing another item: waiting max_wait_s (here far beyond the test's patience) would be waste."""
+    recorder = Recorder()
+    batcher = batchers(lambda batch: batch, max_batch_size=4, max_wait_s=10 * WAIT, observer=recorder)
+    assert batcher.submit(torch.ones(1)).result(WAIT).item() == 1.0
+    with pytest.raises(ValueError), batcher.preparing(2):
+        alone = batcher.submit(torch.zeros(1))
+        raise ValueError("the second image could not be decoded")  # withdrawn: the batch stops waiting for it
+    assert alone.result(WAIT).item() == 0.0
+    assert recorder.sizes == [1, 1]
+
+
+def test_collate_builds_the_batch_in_the_batcher_thread(batchers):
+    threads = []
+
+    def collate(items):
+        threads.append(threading.current_thread().name)
+        return torch.stack(items).float() / 2
+
+    batcher = batchers(lambda batch: batch, max_batch_size=2, max_wait_s=WAIT, collate=collate, name="the-batcher")
+    with batcher.preparing(2):
+        futures = [batcher.submit(torch.tensor([value], dtype=torch.uint8)) for value in (2, 4)]
+    assert [f.result(WAIT).item() for f in futures] == [1.0, 2.0]
+    assert threads == ["the-batcher"]
 
 
 @pytest.mark.parametrize("kwargs", [{"max_batch_size": 0}, {"max_queue": 0}, {"max_wait_s": -1}])

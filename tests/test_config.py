@@ -11,7 +11,9 @@ import torch
 
 from app import create_app
 from app.config import ConfigError, Settings, default_torch_threads, load_server_settings, load_settings
+from app.gpu_decode import GpuDecoder
 from app.inference import serving_device
+from models.transforms import default_preprocess
 from tests.fixtures.server import REPO_ROOT
 
 
@@ -88,6 +90,25 @@ def test_fp16_needs_cuda():  # bf16 on CPU depends on the CPU: tests/test_precis
         load_settings({"DEVICE": "cpu", "PRECISION": "fp16"})
 
 
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"DEVICE": "cuda", "PRECISION": "int8"}, "PRECISION=int8 with DEVICE=cuda: int8 runs on x86 CPUs only"),
+        ({"DEVICE": "cuda:1", "PRECISION": "int8"}, "on cuda use fp16 or bf16, or set DEVICE=cpu"),
+        ({"DEVICE": "cpu", "GPU_DECODE": "true"}, "GPU_DECODE=true with DEVICE=cpu"),
+    ],
+)
+def test_cpu_and_gpu_only_settings_are_refused_on_the_other_device(env, match):
+    with pytest.raises(ConfigError, match=match):
+        load_settings(env)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_decode_needs_a_gpu_at_start_up():
+    with pytest.raises(ConfigError, match="GPU_DECODE=true needs a CUDA device"):
+        serving_device(load_settings({"DEVICE": "auto", "GPU_DECODE": "true"}))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
 @pytest.mark.parametrize(
     ("env", "match"),
@@ -157,3 +178,8 @@ def test_gunicorn_takes_its_server_settings_from_app_config(tmp_path, tiny_bundl
 def test_bad_server_values_name_the_variable(name, value):
     with pytest.raises(ConfigError, match=f"{name}='{value}' is invalid: must be an integer"):
         load_server_settings({name: value})
+
+
+def test_the_gpu_decoder_refuses_a_cpu_device():
+    with pytest.raises(ValueError, match="GPU_DECODE needs a CUDA device, not cpu"):
+        GpuDecoder(default_preprocess(64), torch.device("cpu"), 1_000_000)

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from app import create_app, get_service
 from app.config import ConfigError, load_settings
 from models.bundle import load_bundle, load_model
 from models.quantize import (
     RECOMMENDED_AGREEMENT,
+    Int8Network,
     QuantizationError,
     int8_path,
+    int8_problem,
     load_int8,
     precision_agreement,
     quantize,
@@ -25,6 +33,7 @@ from models.training.quantization import batches, quantize_bundle
 from tests.conftest import REPO_ROOT
 
 NATIVE_BF16 = cpu_bf16_problem() is None
+INT8 = {"PRECISION": "int8", "DEVICE": "cpu"}
 NO_NATIVE_BF16 = f"this CPU has no native bf16, so bf16 is refused here and not measured: {cpu_bf16_problem()}"
 
 
@@ -134,3 +143,63 @@ def test_quantize_script_writes_next_to_the_bundle(trained_bundle_path, training
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert bad.returncode != 0 and "error:" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(int8_run, trained_bundle_path, tmp_path_factory) -> Path:
+    """The trained bundle with its int8 file next to it, as scripts/quantize.py leaves them."""
+    bundle = tmp_path_factory.mktemp("served") / "bundle.pt"
+    shutil.copy(trained_bundle_path, bundle)
+    shutil.copy(int8_run["output"], int8_path(bundle))
+    return bundle
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+def test_int8_serves_the_stored_network_and_explains_in_float32(int8_bundle, int8_run, app_factory, training_data):
+    fp32, int8 = app_factory(int8_bundle), app_factory(int8_bundle, PRECISION="int8")
+    (member,) = int8.test_client().get("/model").get_json()["members"]
+    assert member["int8"]["agreement"] == int8_run["agreement"]["int8"]  # what scripts/quantize.py measured
+    assert member["int8"]["file"] == str(int8_path(int8_bundle)) and member["int8"]["calibration"]["images"] == 48
+    assert "int8" not in fp32.test_client().get("/model").get_json()["members"][0]
+    served = get_service(int8).classifier.predictor.members[0].model
+    assert isinstance(served, Int8Network) and not any(p.is_floating_point() for p in served.backbone.parameters())
+    photos = sorted((training_data / "val").rglob("*.jpg"))[:6]
+    answers = []
+    for app in (fp32, int8):
+        files = [(io.BytesIO(path.read_bytes()), path.name) for path in photos]
+        response = app.test_client().post("/predict/batch?top_k=1", data={"image": files})
+        assert response.status_code == 200, response.get_json()
+        answers.append([one["predicted_class"] for one in response.get_json()["predictions"]])
+    assert sum(a == b for a, b in zip(*answers, strict=True)) >= 5  # int8 may flip a near-tie
+    # /explain differentiates the float32 network (int8 kernels have no gradients), on the same pixels.
+    explained = int8.test_client().post("/explain?format=json", data=photos[0].read_bytes(), content_type="image/jpeg")
+    assert explained.status_code == 200 and explained.get_json()["explained_class"]
+
+
+def test_int8_start_up_needs_a_current_int8_file(int8_bundle, bundle_copy, tiny_bundle_path, tmp_path):
+    assert int8_problem(int8_bundle) is None
+    missing = int8_problem(bundle_copy)
+    assert f"no int8 network at {int8_path(bundle_copy)}" in missing and "python scripts/quantize.py" in missing
+    with pytest.raises(QuantizationError, match="make it with: python scripts/quantize.py --model"):
+        create_app({"MODEL_PATH": str(bundle_copy), "PRECISION": "int8", "TORCH_THREADS": 1})
+    shutil.copy(int8_path(int8_bundle), int8_path(bundle_copy))  # made from another bundle: stale
+    assert "was made from another bundle" in int8_problem(bundle_copy)
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--check-config", "-c", "gunicorn.conf.py", "app:create_app()"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MODEL_PATH": str(bundle_copy), **INT8, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode != 0 and "configuration error: PRECISION=int8:" in result.stderr
+    assert "make it again with: python scripts/quantize.py" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+def test_int8_below_the_recommended_agreement_is_served_with_a_warning(int8_bundle, app_factory, tmp_path, caplog):
+    bundle = Path(shutil.copy(int8_bundle, tmp_path / "low.pt"))
+    state = torch.load(int8_path(int8_bundle), weights_only=True)
+    state["info"]["agreement"]["int8"]["agreement"] = 0.9
+    torch.save(state, int8_path(bundle))
+    with caplog.at_level(logging.WARNING, logger="app.inference"):
+        app = app_factory(bundle, PRECISION="int8")
+    assert app.test_client().get("/model").get_json()["members"][0]["int8"]["agreement"]["agreement"] == 0.9
+    assert "top-1 agreement with fp32 90.00%" in caplog.text and "recommended: >= 99%" in caplog.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from models.ensemble import load_ensemble, parse_paths
 from models.ood import energy
 from models.pet_classifier import PetClassifier
 from models.predictor import Predictor, tta_views
-from models.runtime import Runtime
+from models.runtime import Runtime, fold_batchnorm
 from models.transforms import default_preprocess
 
 CPU = Runtime(torch.device("cpu"))
@@ -126,3 +128,24 @@ def test_model_path_lists_are_checked(text, message):
     with pytest.raises(ValueError, match=message):
         parse_paths(text)
     assert parse_paths(" a.pt , b.pt ") == ("a.pt", "b.pt")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_folding_batchnorm_keeps_the_outputs_and_the_split(arch, images):
+    """build_classifier folds BatchNorms into convolutions and runs channels-last on the CPU: the same network."""
+    torch.manual_seed(3)
+    model = PetClassifier(3, arch=arch, weights="none").eval()
+    for module in model.modules():  # non-trivial statistics, so a wrong fold would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2.0)
+    with torch.inference_mode():
+        expected, features = model(images), model.backbone(images)
+    folded = copy.deepcopy(model)
+    assert fold_batchnorm(folded) > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    runtime = Runtime(torch.device("cpu"), channels_last=True)
+    runtime.place(folded)
+    with torch.inference_mode():
+        batch = runtime.to_device(images)
+        assert torch.allclose(folded(batch), expected, atol=1e-4)
+        assert torch.allclose(folded.backbone(batch), features, atol=1e-4)

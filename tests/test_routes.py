@@ -207,9 +207,11 @@ def test_unloadable_model_stops_start_up(tiny_bundle_path):
 
 
 def test_timeout_gives_504(app_factory, cat_jpeg):
-    # The batcher waits 5 s for a fuller batch; the request gives up after 0.2 s and its item is skipped.
+    # Another image is being decoded, so the batcher waits up to 5 s for a fuller batch; the request gives up after
+    # 0.2 s and its item is skipped.
     app = app_factory(MAX_BATCH_SIZE=8, MAX_BATCH_WAIT_MS=5000, REQUEST_TIMEOUT_S=0.2)
-    response = app.test_client().post("/predict", data=cat_jpeg, content_type="image/jpeg")
+    with get_service(app).batcher.preparing(1):
+        response = app.test_client().post("/predict", data=cat_jpeg, content_type="image/jpeg")
     assert response.status_code == 504
     assert response.get_json()["error"]["code"] == "timeout"
 
@@ -226,7 +228,7 @@ def test_full_queue_gives_503_with_retry_after(app_factory, cat_jpeg):
 def test_unexpected_error_is_500_without_traceback(app_factory, cat_jpeg):
     app = app_factory()
     service = get_service(app)
-    service.classifier.preprocess = lambda data: 1 / 0  # a bug, not a bad input
+    service.classifier.preprocess = lambda data, tta: 1 / 0  # a bug, not a bad input
     response = app.test_client().post("/predict", data=cat_jpeg, content_type="image/jpeg")
     assert response.status_code == 500
     assert response.get_json() == {"error": {"code": "internal_error", "message": "internal server error"}}

@@ -99,30 +99,32 @@ def test_model_and_openapi_over_http(gunicorn_server, class_names):
 
 @pytest.fixture
 def slow_bundle(tmp_path, tiny_model, class_names):
-    """The tiny model with 224-pixel preprocessing: warm-up at a large batch takes a noticeable time."""
+    """The tiny model with 448-pixel preprocessing: warm-up and every forward pass take a noticeable time."""
     path = tmp_path / "slow.pt"
-    save_bundle(path, tiny_model, class_names, default_preprocess(224))
+    save_bundle(path, tiny_model, class_names, default_preprocess(448))
     return path
 
 
-def wait_for_queue_depth(url: str, depth: int) -> None:
+def wait_for_metric(url: str, name: str, value: float) -> None:
     deadline = time.monotonic() + TIMEOUT
-    while scrape(url).get(("petclf_queue_depth", ()), 0) < depth:
-        assert time.monotonic() < deadline, "requests never reached the queue"
-        time.sleep(0.05)
+    while scrape(url).get((name, ()), 0) < value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.02)
 
 
 def test_first_answer_is_ready_then_sigterm_drains(slow_bundle, tmp_path, cat_jpeg):
     # The worker accepts only once warm: a probe during warm-up waits (connected, unanswered), then gets 200,
-    # never a 503. One worker; the batcher waits 1.5 s for a fuller batch, so requests are in flight at SIGTERM.
-    server = start_server(slow_bundle, tmp_path, workers=1, MAX_BATCH_SIZE=16, MAX_BATCH_WAIT_MS=1500)
+    # never a 503. One worker; three requests queue behind a slow forward pass, so they are in flight at SIGTERM.
+    server = start_server(slow_bundle, tmp_path, workers=1, MAX_BATCH_SIZE=4)
     try:
         statuses = poll_readyz(server)
         assert statuses == [200]
         with ThreadPoolExecutor(4) as pool:
             post = lambda _: requests.post(f"{server.url}/predict", files={"image": cat_jpeg}, timeout=TIMEOUT)  # noqa: E731
-            futures = [pool.submit(post, i) for i in range(4)]
-            wait_for_queue_depth(server.url, 4)
+            futures = [pool.submit(post, 0)]
+            wait_for_metric(server.url, "petclf_queue_wait_seconds_count", 1)  # the first one is computing
+            futures += [pool.submit(post, i) for i in range(1, 4)]
+            wait_for_metric(server.url, "petclf_queue_depth", 3)
             assert server.stop() == 0
             responses = [future.result() for future in futures]
     finally:

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from models.bundle import load_bundle
-from models.transforms import AUGMENTATIONS, default_preprocess, eval_transform, train_transform
+from models.transforms import (
+    AUGMENTATIONS,
+    INTERPOLATIONS,
+    default_preprocess,
+    eval_transform,
+    mirrored,
+    train_transform,
+)
 
 
 @pytest.fixture
@@ -73,3 +81,36 @@ def test_bad_preprocess_is_refused(change, message):
 def test_unknown_augmentation_names_the_choices():
     with pytest.raises(ValueError, match="unknown augmentation 'heavy'; valid choices: none, light, standard, strong"):
         train_transform(default_preprocess(64), "heavy")
+
+
+def _torchvision_pixels(image: Image.Image, preprocess: dict) -> torch.Tensor:
+    """The two-step reference: torchvision's Resize(short side) then CenterCrop, as uint8 (3, crop, crop)."""
+    resize = v2.Resize(preprocess["resize"], interpolation=INTERPOLATIONS[preprocess["interpolation"]], antialias=True)
+    return v2.PILToTensor()(v2.CenterCrop(preprocess["crop"])(resize(image)))
+
+
+@pytest.mark.parametrize("name", ["chelsea", "astronaut", "coffee", "rocket"])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_pixels_are_torchvisions_resize_and_centre_crop(name, interpolation):
+    """One PIL resample over the crop's box: the same geometry; values within one level on a few pixels in 1e4."""
+    image = Image.open(f"tests/data/{name}.jpg").convert("RGB")
+    preprocess = {**default_preprocess(224), "interpolation": interpolation}
+    pixels, expected = eval_transform(preprocess).pixels(image), _torchvision_pixels(image, preprocess)
+    assert pixels.dtype == torch.uint8 and pixels.shape == expected.shape == (3, 224, 224)
+    difference = (pixels.int() - expected.int()).abs()
+    assert difference.max() <= (0 if interpolation == "nearest" else 1)
+    assert (difference > 0).float().mean() < 1e-3
+
+
+def test_an_image_at_the_resize_size_is_only_cropped():
+    image = Image.open("tests/data/chelsea.jpg").convert("RGB").resize((384, 256))
+    preprocess = default_preprocess(224)
+    assert torch.equal(eval_transform(preprocess).pixels(image), _torchvision_pixels(image, preprocess))
+
+
+def test_normalising_a_batch_equals_normalising_each_image(photo):
+    """Serving normalises once per (channels-last) batch; evaluation one image at a time: the same floats."""
+    transform = eval_transform(default_preprocess(64))
+    pixels = [transform.pixels(photo), mirrored(transform.pixels(photo))]
+    batch = transform.normalize(torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2))
+    assert torch.equal(batch[0], transform(photo)) and torch.equal(batch[1], transform(photo).flip(-1))
