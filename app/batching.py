@@ -84,12 +84,20 @@ class MicroBatcher:
         self._stopping = False
         self._preparing = 0  # items announced by callers that are still decoding them
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._setup: Callable[[], None] | None = None
+        self._set_up = threading.Event()
+        self._setup_error: BaseException | None = None
 
     # Lifecycle
 
-    def start(self) -> MicroBatcher:
-        """Start the batcher thread; returns self."""
+    def start(self, setup: Callable[[], None] | None = None) -> MicroBatcher:
+        """Start the batcher thread, which runs `setup` (e.g. sizing its threads, the warm-up) before any batch;
+        returns self once `setup` is done, or raises its error (the thread then ends)."""
+        self._setup = setup
         self._thread.start()
+        self._set_up.wait()
+        if self._setup_error is not None:
+            raise self._setup_error
         return self
 
     def stop(self, timeout: float | None = 5.0) -> None:
@@ -140,7 +148,23 @@ class MicroBatcher:
 
     # Batcher thread
 
+    def _run_setup(self) -> bool:
+        """Run `setup` in this thread; False (stopped, the error kept for start) when it raised."""
+        try:
+            if self._setup is not None:
+                self._setup()
+            return True
+        except BaseException as error:  # start() raises it in the caller
+            self._setup_error = error
+            with self._cond:
+                self._stopping = True
+            return False
+        finally:
+            self._set_up.set()
+
     def _run(self) -> None:
+        if not self._run_setup():
+            return
         try:
             while True:
                 batch = self._next_batch()

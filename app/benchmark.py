@@ -91,6 +91,7 @@ def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: 
     try:
         settings = load_settings(overrides={"MODEL_PATH": model, "PRECISION": precision})
         ensemble = load_ensemble(settings.model_paths)
+        torch.set_num_threads(settings.torch_threads)  # one thread does everything here: one OpenMP team
         classifier = build_classifier(settings, ensemble, serving_device(settings))
     except (ConfigError, QuantizationError) as error:
         return {"skipped": str(error)}

@@ -144,12 +144,11 @@ def _int8_member(member: Member, bundle) -> Member:
 
 
 def build_classifier(settings: Settings, ensemble: Ensemble, device: torch.device) -> Classifier:
-    """Size CPU threads and build every member's model on `device`: the slow part of start-up.
+    """Build every member's model on `device` (the slow part of start-up); the caller sizes the CPU threads.
 
     Float networks get their BatchNorms folded into the convolutions and run channels-last, on the CPU too
     (measured on ResNet-50: 15-28% less CPU per image, outputs equal to rounding).
     """
-    torch.set_num_threads(settings.torch_threads)
     amp = "none" if settings.precision in ("fp32", "int8") else settings.precision
     runtime = Runtime(device, amp=amp, channels_last=True)
     floats, served = [], []

@@ -211,6 +211,30 @@ def test_collate_builds_the_batch_in_the_batcher_thread(batchers):
     assert threads == ["the-batcher"]
 
 
+def test_setup_runs_in_the_batcher_thread_before_any_batch():
+    # The service sizes the batcher's OpenMP threads and warms up there: the thread that runs every forward pass.
+    seen = []
+    batcher = MicroBatcher(lambda batch: batch, name="the-batcher")
+    batcher.start(setup=lambda: seen.append((threading.current_thread().name, torch.get_num_threads())))
+    try:
+        assert seen == [("the-batcher", torch.get_num_threads())]
+        assert batcher.submit(torch.ones(1)).result(WAIT).item() == 1.0
+    finally:
+        batcher.stop()
+
+
+def test_a_failing_setup_raises_from_start_and_nothing_is_served():
+    def setup():
+        raise RuntimeError("warm-up failed")
+
+    batcher = MicroBatcher(lambda batch: batch)
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        batcher.start(setup=setup)
+    assert not batcher.alive
+    with pytest.raises(BatcherStopped):
+        batcher.submit(torch.ones(1))
+
+
 @pytest.mark.parametrize("kwargs", [{"max_batch_size": 0}, {"max_queue": 0}, {"max_wait_s": -1}])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
