@@ -13,6 +13,9 @@ PHOTO=tests/data/chelsea.jpg
 TRAIN_ARGS=${TRAIN_ARGS:---epochs 3}  # the container is under test, not the model: a short demo training
 say() { echo "container-test: $*"; }
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# The api container's log lines containing $1 (grep -c reads the whole log: `grep -q` would exit at the first
+# match, and docker logs, cut off mid-write, would fail the pipeline under pipefail).
+api_log_count() { docker logs "$api" 2>&1 | grep -c -- "$1" || true; }
 
 if [ -n "${OFFLINE_DOCKER:-}" ] && [ -x "$OFFLINE_DOCKER" ]; then
     "$OFFLINE_DOCKER"
@@ -57,8 +60,8 @@ python3 -c 'import json, sys; r = json.loads(sys.argv[1]); print("container-test
 
 say "reloading: kill -HUP to gunicorn's master (PID 1 in the container)"
 docker kill --signal HUP "$api" >/dev/null
-for _ in $(seq 90); do docker logs "$api" 2>&1 | grep -q "generation 2 is ready" && break; sleep 2; done
-docker logs "$api" 2>&1 | grep -q "generation 2 is ready" || { say "the reload never completed"; exit 1; }
+for _ in $(seq 90); do [ "$(api_log_count "generation 2 is ready")" -gt 0 ] && break; sleep 2; done
+[ "$(api_log_count "generation 2 is ready")" -gt 0 ] || { say "the reload never completed"; exit 1; }
 curl -sS --fail -o /dev/null -F "image=@$PHOTO" "http://127.0.0.1:$API_PORT/predict"
 say "reloaded: generation 2 serves"
 
@@ -74,7 +77,8 @@ say "prometheus scraped the api: $(curl -sS "http://127.0.0.1:$PROMETHEUS_PORT/a
 say "stopping the api with SIGTERM"
 docker stop --time 60 "$api" >/dev/null
 code=$(docker inspect -f '{{.State.ExitCode}}' "$api")
-docker logs "$api" 2>&1 | grep -q "draining" || { say "no drain in the api's log"; exit 1; }
+# Two drains: the old worker's at the reload, then the new one's on SIGTERM.
+[ "$(api_log_count "app.service: draining:")" -ge 2 ] || { say "no drain on SIGTERM in the api's log"; exit 1; }
 [ "$code" = 0 ] || { say "api exited with $code after SIGTERM"; exit 1; }
 say "api drained and exited 0"
 say "PASSED in $(($(date +%s) - started)) s"
