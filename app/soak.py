@@ -220,6 +220,9 @@ def kill_worker(url: str, master: int, load: Load, workers: int, settle_s: float
     victim = worker_pids(master)[0]
     start = time.monotonic()
     os.kill(victim, signal.SIGKILL)
+    # Its sockets close only when the kernel has torn the process down (a few ms after the signal): a request
+    # written to one of its keep-alive connections until then reached the killed worker, like one it computed.
+    closed = start + wait_for(lambda: victim not in worker_pids(master), 10, "the killed worker's exit", 0.001)
     replaced = wait_for(
         lambda: victim not in worker_pids(master) and ready_workers(url) >= workers and
         len(worker_pids(master)) == workers, 120, "a replacement worker",
@@ -232,8 +235,9 @@ def kill_worker(url: str, master: int, load: Load, workers: int, settle_s: float
         "replaced_s": round(replaced, 1),
         "victim": victim,
         **summarize(affected),
-        "failed_in_flight": sum(1 for o in failed if o.started < start),  # sent before the kill
-        "failed_after_kill": sum(1 for o in failed if o.started >= start),  # must be 0
+        "failed_in_flight": sum(1 for o in failed if o.started < closed),  # reached the killed worker
+        "failed_after_kill": sum(1 for o in failed if o.started >= closed),  # sent once it was gone: must be 0
+        "exit_ms": round((closed - start) * 1000, 1),
         "slowest_failure_ms": round(max((o.seconds for o in failed), default=0) * 1000, 1),  # no hang
     }
 
