@@ -219,9 +219,9 @@ def children(pid: int) -> list[int]:
                     fields = stat.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if int(fields[1]) == pid and fields[0] != "Z":  # a killed worker not yet reaped is not live
                 found.append(int(entry))
-    return found
+    return sorted(found)
 
 
 class RssSampler:

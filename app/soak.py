@@ -22,6 +22,7 @@ import requests
 import torch
 
 from app.harness import ready_workers, serving
+from app.loadgen import children as worker_pids  # the live children of gunicorn's master: its workers
 from models.bundle import load_model, save_bundle
 
 CLIENT_TIMEOUT_S = 60.0  # far above REQUEST_TIMEOUT_S: a request that hangs shows up as a Timeout outcome
@@ -108,21 +109,6 @@ def summarize(outcomes: list[Outcome]) -> dict:
 
 
 # The server's processes
-
-
-def worker_pids(master: int) -> list[int]:
-    """The live children of gunicorn's master (its workers), from /proc."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == master and fields[0] != "Z":
-                pids.append(int(name))
-    return sorted(pids)
 
 
 def rss_mb(pid: int) -> float:
