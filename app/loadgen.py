@@ -198,7 +198,8 @@ def server_window(before: dict | None, after: dict | None, seconds: float) -> di
     }
 
 
-def _status_kib(pid: int, key: str) -> int:
+def status_kib(pid: int, key: str) -> int:
+    """A /proc/<pid>/status memory field in KiB, e.g. "VmRSS:" (0 when the process is gone)."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
@@ -240,7 +241,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            rss = max((_status_kib(pid, "VmRSS:") for pid in self._workers()), default=0)
+            rss = max((status_kib(pid, "VmRSS:") for pid in self._workers()), default=0)
             self.samples.append((round(self.elapsed(), 1), round(rss / 1024, 1)))
 
     def elapsed(self) -> float:
@@ -266,4 +267,4 @@ class RssSampler:
 
     def peak_mib(self) -> float:
         """Peak resident memory (VmHWM) of the largest worker so far."""
-        return round(max((_status_kib(pid, "VmHWM:") for pid in self._workers()), default=0) / 1024, 1)
+        return round(max((status_kib(pid, "VmHWM:") for pid in self._workers()), default=0) / 1024, 1)

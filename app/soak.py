@@ -23,6 +23,7 @@ import torch
 
 from app.harness import ready_workers, serving
 from app.loadgen import children as worker_pids  # the live children of gunicorn's master: its workers
+from app.loadgen import status_kib
 from models.bundle import load_model, save_bundle
 
 CLIENT_TIMEOUT_S = 60.0  # far above REQUEST_TIMEOUT_S: a request that hangs shows up as a Timeout outcome
@@ -113,12 +114,7 @@ def summarize(outcomes: list[Outcome]) -> dict:
 
 def rss_mb(pid: int) -> float:
     """Resident memory of `pid` in MiB (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            line = next(line for line in handle if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0.0
-    return int(line.split()[1]) / 1024
+    return status_kib(pid, "VmRSS:") / 1024
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> float:

@@ -9,7 +9,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (ImageFolder layout)")
-    parser.add_argument("--per-class", type=int, default=40, help="training images per class")
+    parser.add_argument("--per-class", type=int, default=400, help="training images per class")
     parser.add_argument(
         "--val-per-class", type=int, default=None, help="validation images per class (default: per-class / 4)"
     )

@@ -251,7 +251,7 @@ def test_train_service_command_trains_once_then_reuses(tmp_path):
         MODEL_PATH=str(bundle),
         DATA_DIR=str(tmp_path / "no-user-data"),
         DEMO_DIR=str(tmp_path / "demo"),
-        TRAIN_ARGS="--arch resnet18 --epochs 1 --image-size 32 --batch-size 16 --workers 0",
+        TRAIN_ARGS="--arch resnet18 --epochs 1 --image-size 32 --batch-size 16 --workers 0 --outlier-exposure 0",
     )
     command = compose()["services"]["train"]["command"]
     first = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=600)

@@ -71,7 +71,7 @@ def noise_image(seed: int) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8))
 
 
-def make_demo_data(out: str | Path, per_class: int = 40, val_per_class: int | None = None, seed: int = 0) -> Path:
+def make_demo_data(out: str | Path, per_class: int = 400, val_per_class: int | None = None, seed: int = 0) -> Path:
     """Write DIR/{train,val}/<class>/*.jpg deterministically; return DIR."""
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
