@@ -26,7 +26,7 @@ CHECKPOINT_SUFFIX = ".ckpt"
 # `make run`: a model whose answers and unknown flag mean something, in about 8 CPU minutes on data/demo (1,200
 # training images). Measured (README "Unknown inputs"): with 120 images and no outlier exposure the demo flagged 13% of
 # noise images and none of the 4 photos; 10 epochs over 1,200 images with outlier exposure 0.5 flag 90-100% of the
-# noise and 2 to 4 of the photos, depending on the seed (4 of 4 with seed 0).
+# noise and 2 to 4 of the photos, depending on the training (five measured).
 DEMO_PRESET = {
     "arch": "resnet18",
     "weights": "auto",

@@ -22,7 +22,7 @@ SYNTHETIC = "synthetic"
 # Families of generated outliers. None of them is i.i.d. pixel noise (uniform or Gaussian, what evaluate.py
 # --noise and the tests measure), so that measurement stays a check on images of a kind never trained on.
 # blank-frame (nothing in the picture) steadied the demo model's noise flagging: 90-100% of 200 noise images over
-# four trainings with it (100% in three), 84-100% over three without (README "Unknown inputs").
+# five trainings with it (100% in four), 84-100% over three without (README "Unknown inputs").
 FAMILIES = ("dead-leaves", "pink-noise", "smooth-field", "texture", "blank-frame")
 POOL = 1 << 24  # distinct synthetic outliers an index can name; every draw is effectively a new image
 
