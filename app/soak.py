@@ -206,9 +206,8 @@ def kill_worker(url: str, master: int, load: Load, workers: int, settle_s: float
     # written to one of its keep-alive connections until then reached the killed worker, like one it computed.
     closed = start + wait_for(lambda: victim not in worker_pids(master), 10, "the killed worker's exit", 0.001)
     replaced = wait_for(
-        lambda: victim not in worker_pids(master) and ready_workers(url) >= workers and
-        len(worker_pids(master)) == workers, 120, "a replacement worker",
-    )  # fmt: skip
+        lambda: ready_workers(url) >= workers and len(worker_pids(master)) == workers, 120, "a replacement worker"
+    )
     time.sleep(settle_s)
     outcomes = load.since(start - CLIENT_TIMEOUT_S)  # requests in flight at the kill started before it
     affected = [o for o in outcomes if o.started + o.seconds >= start]

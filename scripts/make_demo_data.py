@@ -2,14 +2,14 @@
 
 import argparse
 
-from models.training.demo_data import CLASSES, make_demo_data
+from models.training.demo_data import CLASSES, PER_CLASS, make_demo_data
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (ImageFolder layout)")
-    parser.add_argument("--per-class", type=int, default=400, help="training images per class")
+    parser.add_argument("--per-class", type=int, default=PER_CLASS, help="training images per class")
     parser.add_argument(
         "--val-per-class", type=int, default=None, help="validation images per class (default: per-class / 4)"
     )

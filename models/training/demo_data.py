@@ -17,6 +17,7 @@ CLASSES = {
 }
 SIZES = ((96, 96), (128, 96), (96, 128), (160, 120), (120, 160), (112, 112))
 SPLITS = ("train", "val")
+PER_CLASS = 400  # training images per class; fewer left the demo model unable to flag noise (README "Demo data")
 
 
 def _jitter(rng: random.Random, rgb: tuple[int, int, int], spread: int = 70) -> tuple[int, int, int]:
@@ -71,7 +72,9 @@ def noise_image(seed: int) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8))
 
 
-def make_demo_data(out: str | Path, per_class: int = 400, val_per_class: int | None = None, seed: int = 0) -> Path:
+def make_demo_data(
+    out: str | Path, per_class: int = PER_CLASS, val_per_class: int | None = None, seed: int = 0
+) -> Path:
     """Write DIR/{train,val}/<class>/*.jpg deterministically; return DIR."""
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
