@@ -44,6 +44,15 @@ def test_fit_temperature_finds_the_nll_minimum():
     assert nll(logits, labels, fitted) < nll(logits, labels)
 
 
+def test_a_validation_set_ranked_all_right_keeps_temperature_1():
+    # No finite NLL minimum exists (it falls as T -> 0), so there is nothing to fit; one mistake makes one.
+    labels = torch.tensor([0, 1, 2, 0])
+    logits = torch.nn.functional.one_hot(labels, 3).float() * 2
+    assert fit_temperature(logits, labels) == 1.0
+    logits[0] = torch.tensor([0.0, 1.0, 0.0])
+    assert fit_temperature(logits, labels) != 1.0
+
+
 @pytest.mark.slow
 def test_calibration_lowers_ece_of_an_over_confident_tiny_model(tmp_path, demo_data, class_names):
     torch.manual_seed(0)

@@ -34,6 +34,15 @@ def test_every_family_draws_deterministic_varied_rgb_images(family):
     assert np.asarray(first).std() > 3 or family == "blank-frame"  # not a flat image, unless an empty frame
 
 
+def test_a_blank_frame_is_empty_nearly_everywhere():
+    # Flat colour or a gentle gradient with a few thin strokes: almost every pair of neighbouring pixels is within
+    # 2 grey levels (at least 0.82 over these 40 draws, the rest are strokes and JPEG block edges).
+    for seed in range(40):
+        grey = np.asarray(synthetic_outlier(seed, "blank-frame").convert("L"), dtype=np.float64)
+        for axis in (0, 1):
+            assert (np.abs(np.diff(grey, axis=axis)) <= 2).mean() >= 0.8, (seed, axis)
+
+
 def neighbour_correlation(image: Image.Image) -> float:
     """The largest |correlation| between the grey image and itself shifted by up to 3 pixels (any direction)."""
     pixels = np.asarray(image.convert("L"), dtype=np.float64)

@@ -110,10 +110,11 @@ def test_kill_9_of_a_worker_fails_only_its_in_flight_requests(server, cat_jpeg):
         time.sleep(1)
         summary = soak.kill_worker(server.url, master, load, WORKERS, settle_s=1)
     # At most the requests the killed worker held (8 clients, spread over 2 workers), and each one a clean
-    # connection error right away, never a hang.
+    # connection error right away, never a hang. A response the SIGKILL cut between its headers and the end of
+    # its body reaches requests as ChunkedEncodingError (seen once so far): the same dropped connection.
     failures = {status: count for status, count in summary["answers"].items() if status != "200"}
     assert summary["failed_after_kill"] == 0 and summary["failed_in_flight"] <= 8, summary
-    assert set(failures) <= {"ConnectionError"}, summary
+    assert set(failures) <= {"ConnectionError", "ChunkedEncodingError"}, summary
     assert summary["victim"] not in soak.worker_pids(master)
 
 

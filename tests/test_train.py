@@ -148,8 +148,8 @@ def test_demo_preset_yields_to_explicit_flags():
     assert TrainConfig.demo(epochs=3).arch == "resnet18"
     demo = json.loads(run_script("--demo", "--data-dir", "d", "--epochs", "3", "--print-config").stdout)
     assert (demo["arch"], demo["image_size"], demo["weights"], demo["epochs"]) == ("resnet18", 64, "auto", 3)
-    # The demo serves a working unknown flag: outlier exposure on generated outliers, read by the max probability.
-    assert (demo["outlier_exposure"], demo["outliers"]) == (0.5, "synthetic")
+    # The demo trains its unknown flag with outlier exposure on generated outliers, read by the max probability.
+    assert (demo["outlier_exposure"], demo["outliers"]) == (1.0, "synthetic")
     assert TrainConfig.demo().resolved_ood_score == "max-probability"
     assert TrainConfig.demo(outlier_exposure=0.0).resolved_ood_score == "energy"
     plain = json.loads(run_script("--data-dir", "d", "--print-config").stdout)

@@ -32,9 +32,11 @@ def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) ->
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, iterations: int = 80) -> float:
     """The temperature T minimising validation NLL of softmax(logits / T) (golden-section search on log T).
 
-    NLL is convex in 1/T, so it has one minimum along log T and the search finds it.
+    NLL is convex in 1/T, so it has one minimum along log T and the search finds it. When every image is ranked
+    right, there is none: NLL falls towards 0 as T -> 0, and the search's floor (T 0.05) saturated a demo model's
+    float32 probabilities to 1.0, unknown scores included. Such a set cannot show over- or under-confidence: T = 1.
     """
-    if len(labels) == 0:
+    if len(labels) == 0 or bool((logits.argmax(dim=1) == labels).all()):
         return 1.0
     low, high = math.log(T_RANGE[0]), math.log(T_RANGE[1])
     a, b = high - _GOLDEN * (high - low), low + _GOLDEN * (high - low)
