@@ -108,17 +108,33 @@ def blank_frame(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     return image
 
 
+def _grain(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """(height, width) grey 1/f noise of unit variance: the grain of fur, paper, wood or skin."""
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    radius = np.maximum(np.hypot(fy, fx), 1 / max(width, height))
+    spectrum = rng.normal(size=radius.shape) + 1j * rng.normal(size=radius.shape)
+    grain = np.fft.irfft2(spectrum / radius, s=(height, width))
+    return grain / (grain.std() + 1e-8)
+
+
+def _leaf_mask(rng: np.random.Generator, size: tuple[int, int], cx: float, cy: float, radius: float) -> np.ndarray:
+    """(height, width, 1) coverage in [0, 1] of an ellipse or a hexagon-like polygon with a soft edge."""
+    mask = Image.new("L", size)
+    draw = ImageDraw.Draw(mask)
+    box = (cx - radius, cy - radius * rng.uniform(0.5, 1.0), cx + radius, cy + radius * rng.uniform(0.5, 1.0))
+    if rng.random() < 0.6:
+        draw.ellipse(box, fill=255)
+    else:
+        angles = np.sort(rng.uniform(0, 2 * math.pi, 6))
+        draw.polygon([(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in angles], fill=255)
+    return np.asarray(mask.filter(ImageFilter.GaussianBlur(rng.uniform(0, 2))), dtype=np.float64)[..., None] / 255
+
+
 def shaded_leaves(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """Large overlapping shapes, each shaded by a gradient and grained by 1/f texture: photo-like occlusion."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    grain = np.fft.irfft2(
-        (rng.normal(size=(height, width // 2 + 1)) + 1j * rng.normal(size=(height, width // 2 + 1)))
-        / np.maximum(np.hypot(np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]), 1 / max(width, height)),
-        s=(height, width),
-    )
-    grain /= grain.std() + 1e-8
+    grain = _grain(rng, width, height)
     pixels = np.zeros((height, width, 3))
-    mask = Image.new("L", (width, height))
     low, high = min(width, height) / 8, min(width, height) * 0.9
     for layer in range(int(rng.integers(3, 13))):
         # r ~ 1/r^3 as in dead_leaves, but big: few shapes fill the frame, as objects do in a photo
@@ -128,25 +144,15 @@ def shaded_leaves(rng: np.random.Generator, width: int, height: int) -> Image.Im
         angle = rng.uniform(0, 2 * math.pi)
         scale = max(width, height) if layer == 0 else radius  # the first shape is the background
         ramp = ((x - cx) * math.cos(angle) + (y - cy) * math.sin(angle)) / scale  # shading across the shape
-        shift = rng.integers(0, (height, width))
-        texture = np.roll(grain, tuple(int(v) for v in shift), axis=(0, 1))
+        texture = np.roll(grain, tuple(int(v) for v in rng.integers(0, (height, width))), axis=(0, 1))
         colour = np.array(_colour(rng), dtype=np.float64)
         colour = colour.mean() + rng.uniform(0.2, 1.0) * (colour - colour.mean())  # photos are rarely saturated
-        fill = (
-            colour
-            + rng.uniform(10, 60) * ramp[..., None]
-            + rng.uniform(0, 40) * texture[..., None] * rng.uniform(0.5, 1.0, size=3)
-        )
+        fill = colour + rng.uniform(10, 60) * ramp[..., None]
+        fill = fill + rng.uniform(0, 40) * texture[..., None] * rng.uniform(0.5, 1.0, size=3)
         if layer == 0:
             pixels = fill
             continue
-        mask.paste(0, (0, 0, width, height))
-        box = (cx - radius, cy - radius * rng.uniform(0.5, 1.0), cx + radius, cy + radius * rng.uniform(0.5, 1.0))
-        ImageDraw.Draw(mask).ellipse(box, fill=255) if rng.random() < 0.6 else ImageDraw.Draw(mask).polygon(
-            [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in np.sort(rng.uniform(0, 2 * math.pi, 6))],
-            fill=255,
-        )
-        inside = np.asarray(mask.filter(ImageFilter.GaussianBlur(rng.uniform(0, 2))), dtype=np.float64)[..., None] / 255
+        inside = _leaf_mask(rng, (width, height), cx, cy, radius)
         pixels = pixels * (1 - inside) + fill * inside
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
