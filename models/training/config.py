@@ -23,7 +23,7 @@ DATASETS = ("folder", "oxford-pets")
 CLASS_WEIGHTS = ("none", "balanced")
 CHECKPOINT_SUFFIX = ".ckpt"
 
-# `make run`: a model whose answers and unknown flag mean something, in about 8 CPU minutes on data/demo (1,200
+# `make run`: a model whose answers and unknown flag mean something, in about 10 CPU minutes on data/demo (1,200
 # training images). Measured (README "Unknown inputs"): with 120 images and no outlier exposure the demo flagged 13% of
 # noise images and none of the 4 photos; 10 epochs over 1,200 images with outlier exposure 0.5 flagged 90-100% of
 # the noise and 2 to 4 of the photos (five trainings); weight 1.0 with the shaded-leaves outliers added flags all of
