@@ -27,7 +27,7 @@ CHECKPOINT_SUFFIX = ".ckpt"
 # training images). Measured (README "Unknown inputs"): with 120 images and no outlier exposure the demo flagged 13% of
 # noise images and none of the 4 photos; 10 epochs over 1,200 images with outlier exposure 0.5 flagged 90-100% of
 # the noise and 2 to 4 of the photos (five trainings); weight 1.0 with the shaded-leaves outliers added flags all of
-# both (every training measured).
+# both (five trainings measured).
 DEMO_PRESET = {
     "arch": "resnet18",
     "weights": "auto",
