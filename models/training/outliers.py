@@ -33,15 +33,19 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(0, 256, size=3))
 
 
+def _leaf_radius(rng: np.random.Generator, low: float, high: float) -> float:
+    """A radius between low and high with density ~ 1/r^3 (the dead-leaves size law), by inverse transform sampling."""
+    u = rng.random()
+    return 1 / math.sqrt(u / high**2 + (1 - u) / low**2)
+
+
 def dead_leaves(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """Many overlapping random shapes with power-law sizes (the dead-leaves model: natural-image statistics)."""
     image = Image.new("RGB", (width, height), _colour(rng))
     draw = ImageDraw.Draw(image)
     low, high = max(2.0, min(width, height) / 40), min(width, height) / 2
     for _ in range(int(rng.integers(150, 400))):
-        # r ~ 1/r^3 between low and high, by inverse transform sampling
-        u = rng.random()
-        radius = 1 / math.sqrt(u / high**2 + (1 - u) / low**2)
+        radius = _leaf_radius(rng, low, high)
         x, y = rng.uniform(-radius, width + radius), rng.uniform(-radius, height + radius)
         box = (x - radius, y - radius, x + radius, y + radius * rng.uniform(0.5, 1.5))
         kind = rng.integers(3)
@@ -139,9 +143,7 @@ def shaded_leaves(rng: np.random.Generator, width: int, height: int) -> Image.Im
     pixels = np.zeros((height, width, 3))
     low, high = min(width, height) / 8, min(width, height) * 0.9
     for layer in range(int(rng.integers(3, 13))):
-        # r ~ 1/r^3 as in dead_leaves, but big: few shapes fill the frame, as objects do in a photo
-        u = rng.random()
-        radius = 1 / math.sqrt(u / high**2 + (1 - u) / low**2)
+        radius = _leaf_radius(rng, low, high)  # as in dead_leaves, but big: few fill the frame, as objects do in photos
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
         angle = rng.uniform(0, 2 * math.pi)
         scale = max(width, height) if layer == 0 else radius  # the first shape is the background
