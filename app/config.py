@@ -90,7 +90,8 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str, object], str]:
 def _device(name: str, raw: object) -> str:
     value = str(raw).strip().lower()
     if not DEVICE_PATTERN.match(value):
-        raise ConfigError(f"{name}={raw!r} is invalid: valid choices are auto, cpu, cuda, cuda:N")
+        hint = " (the service runs on CPU or CUDA; mps is for training)" if value == "mps" else ""
+        raise ConfigError(f"{name}={raw!r} is invalid: valid choices are auto, cpu, cuda, cuda:N{hint}")
     return value
 
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def serving_device(settings: Settings) -> torch.device:
     """DEVICE and PRECISION as a usable torch.device; ConfigError when the machine cannot honour them."""
     try:
-        device = resolve_device(settings.device)
+        device = resolve_device(settings.device, mps=False)  # as DEVICE refuses mps, auto never picks it
     except DeviceError as error:
         raise ConfigError(f"DEVICE={settings.device} is not usable: {error}") from error
     problem = precision_problem(settings.precision, device)

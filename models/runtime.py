@@ -27,12 +27,16 @@ class DeviceError(ValueError):
     """A device (or precision) that this machine cannot honour; the message says what to use instead."""
 
 
-def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' -> this process's GPU when CUDA is there, else mps, else cpu; raises DeviceError if `spec` can't run."""
+def resolve_device(spec: str = "auto", local_rank: int = 0, mps: bool = True) -> torch.device:
+    """'auto' -> this process's GPU when CUDA is there, else mps (if `mps`), else cpu; DeviceError if `spec` can't run.
+
+    Serving passes mps=False: it refuses DEVICE=mps (its path is tested on CPU and CUDA only), so auto must not
+    pick it either; training, evaluation and prediction take mps, explicitly or by auto.
+    """
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if mps and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:

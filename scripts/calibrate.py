@@ -15,7 +15,6 @@ from models.ood import SCORES
 from models.training.calibration import calibrate_folder
 from models.training.config import TrainConfig, flag_message
 from models.training.evaluation import model_paths
-from models.training.ood import DEFAULT_SCORE
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -24,7 +23,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="the bundle; None = $MODEL_PATH, else the default bundle")
     parser.add_argument("--data-dir", required=True, help="the training data: DIR/train + DIR/val, or class folders")
     parser.add_argument("--output", help="where to write the calibrated bundle; None = rewrite --model")
-    parser.add_argument("--ood-score", choices=SCORES, default=DEFAULT_SCORE, help="unknown-input score")
+    parser.add_argument(
+        "--ood-score", choices=("auto", *SCORES), default="auto",
+        help="unknown-input score; auto = the bundle's own (or, without one, what its training taught)",
+    )  # fmt: skip
     parser.add_argument("--val-split", type=float, default=TrainConfig.val_split, help="as in training")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="as in training")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {flag_message(str(error), ('device', 'data_dir'))}")
     print(
         f"temperature {calibration['temperature']:.4f}; 15-bin ECE {calibration['ece_before']:.4f} -> "
-        f"{calibration['ece_after']:.4f} on {calibration['images']} validation images; wrote {args.output or model}"
+        f"{calibration['ece_after']:.4f} on {calibration['images']} validation images; unknown-input score "
+        f"{calibration['ood_score']}; wrote {args.output or model}"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -12,7 +13,14 @@ import torch
 from models.bundle import load_bundle, save_bundle
 from models.pet_classifier import PetClassifier
 from models.runtime import Runtime
-from models.training.calibration import expected_calibration_error, fit_bundle, fit_temperature, nll, reliability
+from models.training.calibration import (
+    expected_calibration_error,
+    fit_bundle,
+    fit_temperature,
+    kept_score,
+    nll,
+    reliability,
+)
 from models.training.data import ImageList, discover, make_loader
 from models.training.evaluation import evaluate_bundle
 from models.transforms import default_preprocess, eval_transform
@@ -77,6 +85,16 @@ def test_calibration_lowers_ece_of_an_over_confident_tiny_model(tmp_path, demo_d
     assert held_out["nll_after"] < held_out["nll_before"]
 
 
+def test_auto_keeps_the_bundles_score_or_follows_its_training(tiny_bundle_path):
+    bundle = load_bundle(tiny_bundle_path)
+    assert bundle.ood is None and not bundle.training.get("outlier_exposure")
+    assert kept_score(bundle) == "energy"
+    exposed = dataclasses.replace(bundle, training={**bundle.training, "outlier_exposure": 1.0})
+    assert kept_score(exposed) == "max-probability"
+    fitted = dataclasses.replace(exposed, ood={"score": "mahalanobis"})
+    assert kept_score(fitted) == "mahalanobis"
+
+
 def test_the_script_calibrates_an_existing_bundle(tmp_path, tiny_bundle_path, demo_data):
     out = tmp_path / "calibrated.pt"
     argv = ["--model", str(tiny_bundle_path), "--data-dir", str(demo_data), "--output", str(out)]
@@ -89,6 +107,15 @@ def test_the_script_calibrates_an_existing_bundle(tmp_path, tiny_bundle_path, de
     bundle = load_bundle(out)
     assert bundle.ood["score"] == "max-probability" and "ece_after" in bundle.calibration
     assert load_bundle(tiny_bundle_path).ood is None, "the input bundle is left as it was"
+    # Re-calibrating with the default (--ood-score auto) keeps the bundle's detector instead of switching it.
+    again = tmp_path / "again.pt"
+    rerun = subprocess.run(
+        [sys.executable, "scripts/calibrate.py", "--model", str(out), *argv[2:4], "--output", str(again)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert "unknown-input score max-probability" in rerun.stdout
+    assert load_bundle(again).ood["score"] == "max-probability"
     wrong = subprocess.run(
         [sys.executable, "scripts/calibrate.py", *argv[:2], "--data-dir", str(demo_data / "val" / "circle")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,

@@ -13,6 +13,7 @@ from app import create_app
 from app.config import ConfigError, Settings, default_torch_threads, load_server_settings, load_settings
 from app.gpu_decode import GpuDecoder
 from app.inference import serving_device
+from models.runtime import resolve_device
 from models.transforms import default_preprocess
 from tests.fixtures.server import REPO_ROOT
 
@@ -122,6 +123,16 @@ def test_device_resolution_refuses_what_the_machine_lacks(env, match):
 def test_auto_device():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert serving_device(load_settings({"DEVICE": "auto"})).type == expected
+
+
+def test_serving_never_picks_mps_which_it_refuses_by_name(monkeypatch):
+    # An Apple machine without CUDA: training's auto takes mps, serving's stays on the CPU it is tested on.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto").type == "mps"
+    assert serving_device(load_settings({"DEVICE": "auto"})).type == "cpu"
+    with pytest.raises(ConfigError, match="DEVICE='mps' is invalid.*mps is for training"):
+        load_settings({"DEVICE": "mps"})
 
 
 def _check_config(env: dict) -> subprocess.CompletedProcess:

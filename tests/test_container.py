@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -171,16 +172,27 @@ def test_port_and_health_probe_match_the_app(app):
         assert path in routes
 
 
-def test_compose_environment_is_understood_by_the_service():
-    from app.config import PARSERS, SERVER_PARSERS
+def setting_variables() -> set[str]:
+    """Every environment variable the service reads as a setting (app.config's and gunicorn's settings)."""
+    from app.config import ServerSettings, Settings
 
-    gunicorn_vars = {name.upper() for name in SERVER_PARSERS}  # gunicorn.conf.py reads these through app.config
-    known = {name.upper() for name in PARSERS} | gunicorn_vars
-    unknown = set(compose()["services"]["api"]["environment"]) - known
-    assert not unknown, f"api sets variables nothing reads: {sorted(unknown)}"
-    assert {"PORT", "WEB_CONCURRENCY", "THREADS"} <= gunicorn_vars
+    return {spec.name.upper() for cls in (Settings, ServerSettings) for spec in fields(cls)}
+
+
+def test_compose_passes_every_setting_and_only_settings():
+    passed = set(compose()["services"]["api"]["environment"])
+    assert passed - setting_variables() == set(), "api sets variables nothing reads"
+    assert setting_variables() - passed == set(), "settings a compose user cannot set from the host"
+    assert {"PORT", "WEB_CONCURRENCY", "THREADS"} <= passed
     script = (REPO_ROOT / "scripts" / "ensure_model.sh").read_text()
     assert all(f"${{{name}" in script for name in compose()["services"]["train"]["environment"])
+
+
+def test_train_service_is_not_health_checked():
+    # The image's HEALTHCHECK probes the server's /readyz; the one-shot training serves nothing (it would show
+    # `unhealthy` for as long as it trains).
+    assert compose()["services"]["train"]["healthcheck"] == {"disable": True}
+    assert "test" in compose()["services"]["api"]["healthcheck"]
 
 
 def test_train_runs_first_and_shares_the_bundle_volume():
@@ -241,15 +253,46 @@ def test_container_command_starts_and_serves_outside_docker(tmp_path, tiny_bundl
     assert server.returncode == 0, output
 
 
+@pytest.mark.parametrize(
+    "files, trains_on_data",
+    [
+        ([], False),  # an empty ./data (compose creates it)
+        (["demo/train/circle/a.jpg", "demo/val/circle/b.jpg", ".gitkeep"], False),  # ./data after `make run`
+        (["cat/a.jpg", "demo/train/circle/a.jpg"], True),  # your photos next to the demo set
+        (["train/cat/a.jpg", "val/cat/b.jpg"], True),
+    ],
+)
+def test_train_service_tells_your_photos_from_the_demo_set(tmp_path, files, trains_on_data):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in files:
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(b"x")
+    # PYTHON=echo: the script prints the commands it would run instead of training (its decision is under test).
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo", "MODEL_PATH": str(tmp_path / "none.pt"), "DATA_DIR": f"{data}/",
+           "DEMO_DIR": str(tmp_path / "demo")}  # fmt: skip
+    result = subprocess.run(["sh", "scripts/ensure_model.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.strip().splitlines()[-1]
+    assert command.startswith("scripts/train.py")
+    assert (f"--data-dir {data}/ " in command) is trains_on_data, command
+    assert ("--demo" in command) is not trains_on_data, command
+
+
 @pytest.mark.slow
 def test_train_service_command_trains_once_then_reuses(tmp_path):
     tree = image_tree(tmp_path)
     bundle = tmp_path / "models" / "pet_classifier.pt"
+    # ./data as `make run` leaves it: only data/demo (one folder, not a class set) and a hidden file.
+    data = tmp_path / "data"
+    (data / "demo" / "train" / "circle").mkdir(parents=True)
+    (data / "demo" / "train" / "circle" / "a.jpg").write_bytes(b"not user data")
+    (data / ".gitkeep").touch()
     env = container_env(
         tmp_path,
         "train",
         MODEL_PATH=str(bundle),
-        DATA_DIR=str(tmp_path / "no-user-data"),
+        DATA_DIR=str(data),
         DEMO_DIR=str(tmp_path / "demo"),
         TRAIN_ARGS="--arch resnet18 --epochs 1 --image-size 32 --batch-size 16 --workers 0 --outlier-exposure 0",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -143,11 +144,48 @@ def test_the_kserve_check_catches_mistakes(mutate, message):
 def test_kustomization_applies_the_plain_kubernetes_set():
     kustomization = manifest(DEPLOY / "kustomization.yaml")
     listed = set(kustomization["resources"])
-    alternatives = {"hpa-queue-depth.yaml", "prometheus-adapter-rules.yaml"}  # applied by hand instead, see README
+    # Applied by hand: instead of hpa.yaml where prometheus-adapter runs; the loader before (docs/deployment.md).
+    alternatives = {"hpa-queue-depth.yaml", "prometheus-adapter-rules.yaml", "model-loader.yaml"}
     assert listed == {path.name for path in kubernetes_manifests()} - alternatives
     assert {doc["kind"] for name in listed for doc in documents(DEPLOY / name)} >= {
         "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PersistentVolumeClaim",
     }  # fmt: skip
+
+
+def test_kserve_kustomization_renames_the_runtimes_image_like_the_base():
+    kserve = manifest(KSERVE / "kustomization.yaml")
+    assert set(kserve["resources"]) == {path.name for path in KSERVE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert kserve["images"] == manifest(DEPLOY / "kustomization.yaml")["images"]  # one rename for both to edit
+    (image,) = kserve["images"]
+    assert runtime()["spec"]["containers"][0]["image"].split(":")[0] == image["name"]
+
+
+def test_kustomize_reaches_the_runtimes_image(tmp_path):
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("KUSTOMIZE NOT RUN: no kubectl here (the rename's target is checked by the test above)")
+    copy = shutil.copytree(KSERVE, tmp_path / "kserve")
+    kustomization = manifest(copy / "kustomization.yaml")
+    kustomization["images"][0].update(newName="registry.example.com/pets/pet-classifier", newTag="9.9.9")
+    (copy / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    built = subprocess.run([kubectl, "kustomize", str(copy)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    (serving_runtime,) = [doc for doc in yaml.safe_load_all(built.stdout) if doc["kind"] == "ServingRuntime"]
+    assert serving_runtime["spec"]["containers"][0]["image"] == "registry.example.com/pets/pet-classifier:9.9.9"
+
+
+def test_the_loader_can_fill_the_claim_the_pods_read():
+    claim = manifest(DEPLOY / "model-pvc.yaml")
+    assert "ReadWriteMany" in claim["spec"]["accessModes"], "a ReadOnlyMany claim could never be filled"
+    (pod,) = [doc for doc in documents(DEPLOY / "model-loader.yaml") if doc["kind"] == "Pod"]
+    (volume,) = pod["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}  # read-write
+    (mount,) = pod["spec"]["containers"][0]["volumeMounts"]
+    assert not mount.get("readOnly") and mount["mountPath"] == "/models"
+    served = env_of(deployment()["spec"]["template"]["spec"]["containers"][0])["MODEL_PATH"]
+    assert served.startswith(mount["mountPath"] + "/")  # what the loader copies to /models/X is what pods serve
+    (user,) = [rest for key, rest in dockerfile_instructions("runtime") if key == "USER"]
+    assert str(pod["spec"]["securityContext"]["runAsUser"]) == user.split(":")[0]
 
 
 def strategic_merge(base, patch):

@@ -14,7 +14,7 @@ from models.predictor import Member, Predictor
 from models.runtime import Runtime, resolve_device
 from models.training.data import DataError, ImageList, discover, make_loader
 from models.training.engine import collect_outputs
-from models.training.ood import DEFAULT_SCORE, fit_detector
+from models.training.ood import DEFAULT_SCORE, auto_score, fit_detector
 from models.transforms import eval_transform
 
 ECE_BINS = 15
@@ -126,7 +126,7 @@ def calibrate_folder(
     model_path,
     data_dir,
     output=None,
-    score: str = DEFAULT_SCORE,
+    score: str = "auto",
     batch_size: int = 64,
     workers: int = 0,
     device: str = "auto",
@@ -136,6 +136,7 @@ def calibrate_folder(
     """Fit temperature and OOD detector of an existing bundle on DIR's validation images (as training splits DIR).
 
     Writes `output` (default: the bundle itself, rewritten atomically); a version-1 bundle becomes version 2.
+    `score` "auto" keeps the bundle's detector (kept_score); the calibration entry gains `ood_score`, the one fitted.
     """
     output = Path(output or model_path)
     if output != Path(model_path):
@@ -151,4 +152,12 @@ def calibrate_folder(
         make_loader(ImageList(samples, transform, min_size=size), batch_size, workers)
         for samples in (split.val, split.train)
     )
-    return fit_bundle(output, val, train, Runtime(resolved), score)
+    score = kept_score(bundle) if score == "auto" else score
+    return {**fit_bundle(output, val, train, Runtime(resolved), score), "ood_score": score}
+
+
+def kept_score(bundle) -> str:
+    """The bundle's own unknown-input score; without a detector (version 1), what its training taught."""
+    if bundle.ood:
+        return bundle.ood["score"]
+    return auto_score(float(bundle.training.get("outlier_exposure") or 0.0))

@@ -14,7 +14,7 @@ from pathlib import Path
 from models.bundle import DEFAULT_BUNDLE_PATH
 from models.ood import SCORES
 from models.runtime import AMP_CHOICES
-from models.training.ood import DEFAULT_SCORE
+from models.training.ood import auto_score
 from models.training.outliers import SYNTHETIC
 from models.training.strategies import OPTIMIZERS, SCHEDULERS, STRATEGIES
 from models.transforms import AUGMENTATIONS
@@ -124,15 +124,8 @@ class TrainConfig:
 
     @property
     def resolved_ood_score(self) -> str:
-        """`ood_score`, with `auto` = what the training taught: max-probability after outlier exposure, else energy.
-
-        Outlier exposure trains outliers towards equal logits, which the max probability reads (1/C) but energy does
-        not (logits all 5 are uniform yet as energetic as a confident answer): measured on the test fixture trained
-        on negatives, max-probability flagged 40 of 40 held-out noise images, energy 0 of 40.
-        """
-        if self.ood_score != "auto":
-            return self.ood_score
-        return "max-probability" if self.outlier_exposure > 0 else DEFAULT_SCORE
+        """`ood_score`, with `auto` = what the training taught (models.training.ood.auto_score)."""
+        return auto_score(self.outlier_exposure) if self.ood_score == "auto" else self.ood_score
 
     @property
     def checkpoint_path(self) -> str:
