@@ -294,6 +294,17 @@ def test_documented_defaults_are_the_code_defaults():
     assert checked >= 15
 
 
+def test_the_limits_table_has_the_code_defaults():
+    from app.config import ServerSettings, Settings
+
+    defaults = {spec.name.upper(): spec.default for cls in (Settings, ServerSettings) for spec in fields(cls)}
+    section = (REPO_ROOT / "docs" / "operations.md").read_text().split("## Limits", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| [^|]*`([A-Z][A-Z0-9_]+)` \| ([\d.]+)(?: (M)\b)?", section, re.MULTILINE)
+    assert len(rows) >= 7
+    for name, number, mega in rows:
+        assert float(number) * (1e6 if mega else 1) == defaults[name], name
+
+
 # The newcomer's path: what the README promises, and what the reference pages must keep saying
 
 
