@@ -108,18 +108,25 @@ def flags(words: list[str]) -> set[str]:
 
 @functools.cache
 def script_help(script: str) -> str:
+    """The --help of `scripts/X.py`, or of the module `scripts.X` (run with -m, as the pages then say)."""
+    target = [script] if script.endswith(".py") else ["-m", script]
+    # The environment `make` creates: the project installed, the repository root as the working directory.
     result = subprocess.run(
-        [sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, *target, "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, f"{script} --help failed: {result.stderr}"
     return result.stdout
 
 
 def python_script(command: list[str]) -> tuple[str, list[str]] | None:
-    """(script, its arguments) of `.venv/bin/python scripts/X.py ...` or `.venv/bin/torchrun ... scripts/X.py ...`."""
+    """(script or module, its arguments) of `.venv/bin/python scripts/X.py ...`, `.venv/bin/python -m scripts.X ...`
+    or `.venv/bin/torchrun ... scripts/X.py ...`."""
     for index, word in enumerate(command):
         if re.match(r"^(scripts|tools)/\w+\.py$", word):
             return word, command[index + 1 :]
+        module = command[index + 1] if word == "-m" and index + 1 < len(command) else ""
+        if re.match(r"^(scripts|tools)\.\w+$", module):
+            return module, command[index + 2 :]
     return None
 
 
