@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -107,13 +109,23 @@ def flags(words: list[str]) -> set[str]:
 
 
 @functools.cache
+def installed_env() -> dict[str, str]:
+    """The environment `make` gives a page's command: the packages `pip install -e .` installs (app and models, of
+    this checkout) importable, nothing else of the repository (tools/ only from the root, with -m)."""
+    packages = Path(tempfile.mkdtemp(prefix="installed-"))
+    for name in ("app", "models"):
+        (packages / name).symlink_to(REPO_ROOT / name, target_is_directory=True)
+    return {**os.environ, "PYTHONPATH": str(packages)}
+
+
+@functools.cache
 def script_help(script: str) -> str:
     """The --help of `scripts/X.py`, or of the module `scripts.X` (run with -m, as the pages then say)."""
     target = [script] if script.endswith(".py") else ["-m", script]
-    # The environment `make` creates: the project installed, the repository root as the working directory.
     result = subprocess.run(
-        [sys.executable, *target, "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, *target, "--help"], cwd=REPO_ROOT, env=installed_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0, f"{script} --help failed: {result.stderr}"
     return result.stdout
 
