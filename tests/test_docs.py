@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -165,6 +166,10 @@ def test_shell_command_runs_as_written(block, command):
         for target in command[1:]:
             if "=" not in target and not target.startswith("-"):
                 assert target in make_targets(), f"{block}: make has no target {target}"
+    if program == "kubectl" and "-k" in command and shutil.which("kubectl"):
+        folder = command[command.index("-k") + 1]
+        built = subprocess.run(["kubectl", "kustomize", folder], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert built.returncode == 0, f"{block}: kustomize {folder}: {built.stderr}"
     script = python_script(command)
     if script and program in {PYTHON, ".venv/bin/torchrun"}:
         name, arguments = script
