@@ -1,4 +1,7 @@
-"""Service settings: defaults, then environment variables, then overrides; read once and validated."""
+"""Service settings: defaults, then environment variables, then overrides; read once and validated.
+
+Imports no torch (gunicorn's master reads these settings); only the machine check, which workers run, loads it.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
-import torch
-
-from models.bundle import DEFAULT_BUNDLE_PATH
-from models.ensemble import PATH_SEPARATOR, parse_paths
 from models.images import DEFAULT_MAX_PIXELS
-from models.runtime import precision_problem
+from models.paths import DEFAULT_BUNDLE_PATH, PATH_SEPARATOR, parse_paths
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -236,21 +235,40 @@ def default_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def _check_combination(settings: Settings) -> None:
-    """Combinations that are wrong whatever the machine has (the device itself is checked when a worker starts)."""
-    if settings.device == "cpu" or (settings.precision == "int8" and settings.device != "auto"):
-        problem = precision_problem(settings.precision, torch.device(settings.device.partition(":")[0]))
-        if problem:
-            raise ConfigError(f"PRECISION={settings.precision} with DEVICE={settings.device}: {problem}")
+    """Combinations that are wrong on any machine (no torch needed)."""
     if settings.gpu_decode and settings.device == "cpu":
         raise ConfigError("GPU_DECODE=true with DEVICE=cpu: decoding on the GPU needs DEVICE=cuda (or auto on a GPU)")
 
 
-def load_settings(environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None) -> Settings:
-    """Defaults, then `environ` (default os.environ), then `overrides`; keys are the upper-case variable names."""
+def needs_machine_check(settings: Settings) -> bool:
+    """Whether PRECISION and DEVICE depend on what this machine has (checking that imports torch)."""
+    return settings.precision != "fp32"
+
+
+def check_machine(settings: Settings) -> None:
+    """PRECISION on an explicit DEVICE as this machine can run it (e.g. bf16 needs avx512_bf16 or AMX on a CPU)."""
+    if settings.device == "cpu" or (settings.precision == "int8" and settings.device != "auto"):
+        import torch  # here, not at the top: the master reads settings without torch
+
+        from models.runtime import precision_problem
+
+        problem = precision_problem(settings.precision, torch.device(settings.device.partition(":")[0]))
+        if problem:
+            raise ConfigError(f"PRECISION={settings.precision} with DEVICE={settings.device}: {problem}")
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None, machine: bool = True
+) -> Settings:
+    """Defaults, then `environ` (default os.environ), then `overrides`; keys are the upper-case variable names.
+
+    machine=False skips the checks that need torch (check_machine): gunicorn's master runs those in a child."""
     environ = os.environ if environ is None else environ
     values = _layered(Settings, PARSERS, environ, overrides)
     if "torch_threads" not in values:
         values["torch_threads"] = default_torch_threads(environ)
     settings = Settings(**values)
     _check_combination(settings)
+    if machine:
+        check_machine(settings)
     return settings

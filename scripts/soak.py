@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from models.bundle import DEFAULT_BUNDLE_PATH
+from models.paths import DEFAULT_BUNDLE_PATH
 
 try:
     import tools  # noqa: F401  (the repository's measurement tools: not packaged, importable from the root)

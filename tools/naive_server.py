@@ -17,7 +17,8 @@ import torch
 from flask import Flask, jsonify, request
 from PIL import Image
 
-from models.bundle import DEFAULT_BUNDLE_PATH, load_model
+from models.bundle import load_model
+from models.paths import DEFAULT_BUNDLE_PATH
 from models.runtime import resolve_device
 from models.transforms import eval_transform
 

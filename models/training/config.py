@@ -11,8 +11,8 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from models.bundle import DEFAULT_BUNDLE_PATH
 from models.ood import SCORES
+from models.paths import DEFAULT_BUNDLE_PATH
 from models.runtime import AMP_CHOICES
 from models.training.ood import DEFAULT_SCORE
 from models.training.outliers import SYNTHETIC
