@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -263,9 +263,9 @@ PY_READS = (
 
 def variables_read() -> set[str]:
     """Every environment variable the project's code reads: settings, os.environ, shell and compose defaults."""
-    from app.config import ServerSettings, Settings
+    from app.config import VARIABLES
 
-    found = {spec.name.upper() for cls in (Settings, ServerSettings) for spec in fields(cls)}
+    found = set(VARIABLES)
     sources = [REPO_ROOT / "gunicorn.conf.py", *(path for root in ("app", "models", "scripts", "tools")
                                                  for path in (REPO_ROOT / root).rglob("*.py"))]  # fmt: skip
     for path in sources:
@@ -289,17 +289,20 @@ def test_every_documented_variable_is_read():
 
 
 def test_compose_passes_what_the_configuration_page_calls_a_setting():
-    from app.config import ServerSettings, Settings
+    from app.config import VARIABLES
 
-    settings = {spec.name.upper() for cls in (Settings, ServerSettings) for spec in fields(cls)}
+    settings = set(VARIABLES)
     api = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]["api"]["environment"]
     assert settings <= set(api) and settings <= documented_variables()
 
 
 def test_documented_defaults_are_the_code_defaults():
     from app.config import ServerSettings, Settings
+    from models.settings import variables
 
-    defaults = {spec.name.upper(): spec.default for cls in (Settings, ServerSettings) for spec in fields(cls)}
+    defaults = {
+        name: getattr(cls(), field) for cls in (Settings, ServerSettings) for name, field in variables(cls).items()
+    }
     checked = 0
     for line in (REPO_ROOT / "docs" / "configuration.md").read_text().splitlines():
         cells = [cell.strip() for cell in line.split("|")[1:-1]]
@@ -320,8 +323,11 @@ def test_documented_defaults_are_the_code_defaults():
 
 def test_the_limits_table_has_the_code_defaults():
     from app.config import ServerSettings, Settings
+    from models.settings import variables
 
-    defaults = {spec.name.upper(): spec.default for cls in (Settings, ServerSettings) for spec in fields(cls)}
+    defaults = {
+        name: getattr(cls(), field) for cls in (Settings, ServerSettings) for name, field in variables(cls).items()
+    }
     section = (REPO_ROOT / "docs" / "operations.md").read_text().split("## Limits", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| [^|]*`([A-Z][A-Z0-9_]+)` \| ([\d.]+)(?: (M)\b)?", section, re.MULTILINE)
     assert len(rows) >= 7

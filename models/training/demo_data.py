@@ -17,7 +17,7 @@ CLASSES = {
 }
 SIZES = ((96, 96), (128, 96), (96, 128), (160, 120), (120, 160), (112, 112))
 SPLITS = ("train", "val")
-PER_CLASS = 400  # training images per class; fewer left the demo model unable to flag noise (README "Demo data")
+PER_CLASS = 400  # training images per class; fewer left the demo model unable to flag noise (docs/training.md)
 
 
 def _jitter(rng: random.Random, rgb: tuple[int, int, int], spread: int = 70) -> tuple[int, int, int]:

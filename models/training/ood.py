@@ -6,7 +6,7 @@ import torch
 
 from models.ood import SCORES, OodDetector
 
-# Measured on the demo model (README "Unknown inputs"): energy separated noise and photos from validation images
+# Measured on the demo model (docs/trust.md, "Unknown inputs"): energy separated noise and photos from validation images
 # as well as the max probability and with fewer false alarms; penultimate-feature Mahalanobis put noise closer to
 # the class means than real validation images. Energy also needs no stored statistics and works for any member.
 DEFAULT_SCORE = "energy"
