@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -430,3 +431,33 @@ def test_the_image_is_described_as_the_dockerfile_builds_it():
     assert ("pip wheel --no-deps" in dockerfile) == ("pip wheel --no-deps" in deployment)
     user = re.search(r"^USER (\d+)", dockerfile, re.MULTILINE).group(1)
     assert f"user `{user}`" in deployment
+
+
+def test_the_training_flags_table_has_the_scripts_defaults():
+    parser = runpy.run_path(str(REPO_ROOT / "scripts" / "train.py"))["get_args_parser"]()
+    defaults = {action.option_strings[0]: action.default for action in parser._actions if action.option_strings}
+    section = (REPO_ROOT / "docs" / "training.md").read_text().split("### Important flags", 1)[1].split("\n#", 1)[0]
+    checked = 0
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        if len(cells) < 2:
+            continue
+        names = re.findall(r"`(--[a-z][\w-]*)`", cells[0])
+        values = [value.strip().strip("`") for value in cells[1].split(", ")]
+        if not names or len(names) != len(values):
+            continue
+        for name, value in zip(names, values, strict=True):
+            if not re.fullmatch(r"[\w.-]+", value):
+                continue  # described in words: min(4, cores), <output stem>.ckpt
+            default = defaults[name]
+            off = value == "off" and default in (False, None, 0, "none")
+            assert off or value == str(default) or _same_number(value, default), (name, value, default)
+            checked += 1
+    assert checked >= 20
+
+
+def _same_number(text: str, value) -> bool:
+    try:
+        return float(text) == float(value)
+    except (TypeError, ValueError):
+        return False
