@@ -272,8 +272,7 @@ def test_train_service_tells_your_photos_from_the_demo_set(tmp_path, files, trai
            "DEMO_DIR": str(tmp_path / "demo")}  # fmt: skip
     result = subprocess.run(["sh", "scripts/ensure_model.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    command = result.stdout.strip().splitlines()[-1]
-    assert command.startswith("scripts/train.py")
+    (command,) = [line for line in result.stdout.splitlines() if line.startswith("scripts/train.py")]
     assert (f"--data-dir {data}/ " in command) is trains_on_data, command
     assert ("--demo" in command) is not trains_on_data, command
 
