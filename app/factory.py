@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import time
 
-from flask import Flask, g, request
+from flask import Flask
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.auth import install_api_keys, public_endpoints
@@ -24,22 +23,6 @@ from models.ensemble import load_ensemble
 def _configure_logging(level: str) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     logging.getLogger("app").setLevel(level.upper())
-
-
-def _install_metrics_hooks(app: Flask, metrics: Metrics) -> None:
-    @app.before_request
-    def _start_timer():
-        g.started = time.perf_counter()
-
-    @app.after_request
-    def _observe(response):
-        route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.observe_request(
-            route, response.status_code, time.perf_counter() - g.get("started", time.perf_counter())
-        )
-        if "error_code" in g:
-            metrics.reject(g.error_code)
-        return response
 
 
 def _install_size_limit_handler(app: Flask, settings: Settings) -> None:
@@ -70,7 +53,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions[EXTENSION] = Service(settings, bundle, device, metrics)
     register_error_handlers(app)
     _install_size_limit_handler(app, settings)
-    _install_metrics_hooks(app, metrics)
+    metrics.observe_requests(app)
     install_api_keys(app, settings)
     app.register_blueprint(bp)
     register_v2(app)  # the Open Inference Protocol under /v2

@@ -1,4 +1,8 @@
-"""The model handler, TorchServe style: preprocess (request thread), inference (batcher thread), postprocess."""
+"""The request handler, TorchServe style: preprocess (request thread), inference (batcher thread), postprocess.
+
+The pre- and post-processing layer of the service; app/service.py is the concurrency layer around it (deadlines,
+batcher, readiness, the explain gate) and knows nothing of pixels or labels.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import torch
 from app.config import ConfigError, Settings
 from models.ensemble import Ensemble
 from models.explain import grad_cam, overlay, png_bytes
-from models.images import decode_image
+from models.images import ImageError, decode_image
 from models.predictor import Member, Output, Predictor
 from models.quantize import RECOMMENDED_AGREEMENT, int8_path, load_int8
 from models.runtime import DeviceError, Runtime, fold_batchnorm, precision_problem, resolve_device, top_k
@@ -33,7 +37,7 @@ def serving_device(settings: Settings) -> torch.device:
     return device
 
 
-class Classifier:
+class Handler:
     """The served model (one bundle or an ensemble) on one device, with its transform and labels prepared once.
 
     `explainer` is the float32 predictor /explain differentiates: the served one, except under int8, whose
@@ -53,7 +57,7 @@ class Classifier:
         self.max_pixels = max_pixels
         self.transform = eval_transform(ensemble.preprocess)
         self.normalize = self.transform.normalize.to(self.device)  # a copy on the device the batch is stacked on
-        self.decoder = None  # set by build_classifier when GPU_DECODE is on
+        self.decoder = None  # set by build_handler when GPU_DECODE is on
 
     def preprocess(self, data: bytes, tta: str = "none") -> list[torch.Tensor]:
         """Untrusted bytes -> uint8 (3, crop, crop) pixels, one per view (the mirror too for tta 'flip').
@@ -65,6 +69,18 @@ class Classifier:
         if pixels is None:
             pixels = self.transform.pixels(decode_image(data, self.max_pixels, min_size=self.min_size))
         return [pixels] if tta == "none" else [pixels, mirrored(pixels)]
+
+    def preprocess_all(self, images: list[bytes], tta: str = "none") -> list[list[torch.Tensor]]:
+        """Each image's views (`preprocess`); the ImageError of a batch names the image's position."""
+        if len(images) == 1:
+            return [self.preprocess(images[0], tta)]
+        views = []
+        for index, data in enumerate(images):
+            try:
+                views.append(self.preprocess(data, tta))
+            except ImageError as error:
+                raise type(error)(f"image {index}: {error}") from error
+        return views
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         """The batcher's items -> one normalised float batch on the device: uint8 pixels are normalised once per
@@ -80,7 +96,8 @@ class Classifier:
         return self.predictor(batch)
 
     def postprocess(self, output: Output, k: int, include_probabilities: bool = True) -> dict:
-        """One image's Output (its views already averaged) -> the prediction document."""
+        """One image's Output (its views already averaged) -> the prediction document (PredictionSchema); the
+        service counts predicted_class and unknown from it, so each is computed once."""
         values = output.probs[0].tolist()
         ranked = top_k(values, self.class_names, k)
         score = None if output.ood_scores is None else output.ood_scores[0].item()
@@ -143,8 +160,10 @@ def _int8_member(member: Member, bundle) -> Member:
     return dataclasses.replace(member, model=network)
 
 
-def build_classifier(settings: Settings, ensemble: Ensemble, device: torch.device) -> Classifier:
+def build_handler(settings: Settings, ensemble: Ensemble, device: torch.device) -> Handler:
     """Build every member's model on `device` (the slow part of start-up); the caller sizes the CPU threads.
+
+    The service's one place that builds a predictor (the loader of models/ takes it over).
 
     Float networks get their BatchNorms folded into the convolutions and run channels-last, on the CPU too
     (measured on ResNet-50: 15-28% less CPU per image, outputs equal to rounding).
@@ -163,9 +182,9 @@ def build_classifier(settings: Settings, ensemble: Ensemble, device: torch.devic
     predictor = Predictor(served, runtime)
     explainer = Predictor(floats, runtime) if settings.precision == "int8" else None
     log.info("model %s (%s) on %s, precision %s", ensemble.version, ensemble.arch, device, settings.precision)
-    classifier = Classifier(predictor, ensemble, settings.max_image_pixels, explainer)
+    handler = Handler(predictor, ensemble, settings.max_image_pixels, explainer)
     if settings.gpu_decode:
         from app.gpu_decode import GpuDecoder
 
-        classifier.decoder = GpuDecoder(ensemble.preprocess, device, settings.max_image_pixels)
-    return classifier
+        handler.decoder = GpuDecoder(ensemble.preprocess, device, settings.max_image_pixels)
+    return handler

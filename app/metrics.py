@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 
+from flask import Flask, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from app.batching import BatchObserver
@@ -55,6 +57,23 @@ class Metrics(BatchObserver):
         self._by_route: dict[tuple[str, str], tuple] = {}
 
     # HTTP side
+
+    def observe_requests(self, app: Flask) -> None:
+        """Time and count every request of `app` (route, status), and the rejections' error codes."""
+
+        @app.before_request
+        def _start_timer():
+            g.started = time.perf_counter()
+
+        @app.after_request
+        def _observe(response):
+            route = request.url_rule.rule if request.url_rule else "unmatched"
+            self.observe_request(
+                route, response.status_code, time.perf_counter() - g.get("started", time.perf_counter())
+            )
+            if "error_code" in g:
+                self.reject(g.error_code)
+            return response
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency."""

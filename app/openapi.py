@@ -5,7 +5,7 @@ from __future__ import annotations
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from app import schemas, v2_codec
+from app import routes, schemas, v2_codec
 
 TITLE = "Pet classifier"
 ERROR = {"content": {"application/json": {"schema": "Error"}}}
@@ -36,7 +36,7 @@ def _errors(*statuses: int) -> dict:
 def _predict_operation(summary: str, body: dict, response: str) -> dict:
     return {
         "summary": summary,
-        "parameters": [{"in": "query", "schema": schemas.PredictQuerySchema}],
+        "parameters": [{"in": "query", "schema": routes.PredictQuerySchema}],
         "requestBody": {"required": True, "content": body},
         "responses": {
             "200": {"description": "Predictions", "content": {"application/json": {"schema": response}}},
@@ -55,7 +55,7 @@ def _explain_operation(body: dict) -> dict:
         "summary": "Explain one prediction: which part of the image drove the class's score (Grad-CAM)",
         "description": "Runs outside the micro-batcher, at most EXPLAIN_CONCURRENCY per worker at once; more"
         " concurrent explanations are answered 503 explain_busy with Retry-After, so /predict never waits for them.",
-        "parameters": [{"in": "query", "schema": schemas.ExplainQuerySchema}],
+        "parameters": [{"in": "query", "schema": routes.ExplainQuerySchema}],
         "requestBody": {"required": True, "content": body},
         "responses": {"200": explained, **_errors(400, 413, 415, 501, 503)},
     }

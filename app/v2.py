@@ -47,6 +47,7 @@ def register(app: Flask) -> None:
         crop=bundle.preprocess["crop"],
         class_names=tuple(bundle.class_names),
         max_images=settings.max_batch_files,
+        resize=bundle.preprocess["resize"],
     )
     app.extensions[EXTENSION] = {
         "spec": spec,

@@ -127,6 +127,7 @@ class ModelSpec:
     crop: int
     class_names: tuple[str, ...]
     max_images: int
+    resize: int  # the bundle's resize before the centre crop (the pixels' error message names it)
 
     @property
     def inputs(self) -> list[dict]:
@@ -305,7 +306,12 @@ def _unpack_bytes(data: memoryview) -> list[bytes]:
 def _pixels(tensor: dict, binary: memoryview, spec: ModelSpec) -> torch.Tensor:
     _check_datatype(tensor, "FP32")
     _batch_size(tensor, 4, spec)
-    shape = tensor["shape"]  # [N, 3, crop, crop] is the Service's check, against the bundle's preprocess
+    shape = tensor["shape"]
+    if shape[1:] != [3, spec.crop, spec.crop]:
+        raise _invalid(
+            f"pixels must have shape [N, 3, {spec.crop}, {spec.crop}] with N >= 1 (the bundle's preprocess: "
+            f"resize {spec.resize}, centre crop {spec.crop}, normalised), got {shape}"
+        )
     data = _tensor_data(tensor, binary)
     count = math.prod(shape)
     if isinstance(data, memoryview):
@@ -319,6 +325,8 @@ def _pixels(tensor: dict, binary: memoryview, spec: ModelSpec) -> torch.Tensor:
         if array.size != count:
             raise _invalid(f"input '{PIXELS}' has shape {shape} ({count} elements) but holds {array.size}")
         array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise _invalid("pixels must be finite numbers (no NaN or infinity)")
     return torch.from_numpy(array.reshape(shape))
 
 

@@ -211,7 +211,7 @@ BAD_REQUESTS = {
     "pixels of the wrong size": ({"inputs": [_pixels_tensor([1, 3, 64, 63])]}, {}, 400, "[N, 3, 64, 64]"),
     "pixels as FP16": ({"inputs": [{**_pixels_tensor([1, 3, 64, 64]), "datatype": "FP16"}]}, {}, 400, "FP32"),
     "pixels rank 3": ({"inputs": [_pixels_tensor([3, 64, 64])]}, {}, 400, "[-1, 3, 64, 64]"),
-    "pixels as text": ({"inputs": [_pixels_tensor([1, 1, 1, 1], ["a"])]}, {}, 400, "must be numbers"),
+    "pixels as text": ({"inputs": [_pixels_tensor([1, 3, 64, 64], ["a"])]}, {}, 400, "must be numbers"),
     "too few pixels": ({"inputs": [_pixels_tensor([1, 3, 64, 64], [0.0])]}, {}, 400, "(12288 elements) but holds 1"),
     "unknown output": ({"inputs": [image_input([JPEG])], "outputs": [{"name": "logits"}]}, {}, 400, "one output"),
     "classification over the class count": (
