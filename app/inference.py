@@ -166,7 +166,7 @@ def build_handler(settings: Settings, ensemble: Ensemble, device: torch.device) 
     The service's one place that builds a predictor (the loader of models/ takes it over).
 
     Float networks get their BatchNorms folded into the convolutions and run channels-last, on the CPU too
-    (measured on ResNet-50: 15-28% less CPU per image, outputs equal to rounding).
+    (less CPU per image; outputs equal to rounding).
     """
     amp = "none" if settings.precision in ("fp32", "int8") else settings.precision
     runtime = Runtime(device, amp=amp, channels_last=True)

@@ -236,7 +236,7 @@ class ServingWorker(ThreadWorker):
             while self.alive and time.monotonic() < deadline:
                 time.sleep(POLL_S)
         # Status 1, not gunicorn's boot-error 3 (which halts the master). os._exit skips the interpreter's final
-        # garbage collection of the half-built app: 17 s measured on a loaded machine, while the old workers wait.
+        # garbage collection of the half-built app, which can take many seconds while the old workers wait.
         os._exit(1)
 
     def run(self):

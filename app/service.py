@@ -56,8 +56,7 @@ class Service:
         settings = self.settings
         # Only the batcher thread may own a multi-threaded OpenMP team: this thread builds the model on one thread,
         # the batcher sizes its own and warms up there. With a second team (this thread's, left by a warm-up here)
-        # libgomp counts more threads than cores and stops spinning at barriers: a ResNet-50 forward in the
-        # batcher thread took a median 138-143 ms instead of 100-127 ms (2 cores, GOMP_SPINCOUNT=10000).
+        # libgomp counts more threads than cores and stops spinning at barriers, which slows every forward pass.
         torch.set_num_threads(1)
         handler = build_handler(settings, self.bundle, self.device)
 
