@@ -25,7 +25,7 @@ from app.inference import serving_device
 from models.settings import between, declared, setting, variables
 from models.training.config import TrainConfig
 from models.transforms import default_preprocess
-from tests.fixtures.server import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 def test_defaults():

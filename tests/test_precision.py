@@ -30,7 +30,7 @@ from models.quantize import (
 )
 from models.runtime import cpu_bf16_problem
 from models.training.quantization import batches, quantize_bundle
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 NATIVE_BF16 = cpu_bf16_problem() is None
 INT8 = {"PRECISION": "int8", "DEVICE": "cpu"}

@@ -16,8 +16,7 @@ from app.inference import Handler
 from models.bundle import BundleError, load_model, save_bundle
 from models.pet_classifier import PetClassifier
 from models.transforms import default_preprocess
-from tests.conftest import PHOTOS
-from tests.fixtures.server import PHOTO_NAMES, reference_probabilities
+from tests.helpers import PHOTO_NAMES, PHOTOS, reference_probabilities
 
 
 def check_prediction(result: dict, class_names: list[str], top_k: int = 3) -> None:

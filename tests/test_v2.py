@@ -13,18 +13,10 @@ from hypothesis import strategies as st
 
 from app import get_service
 from models.bundle import load_bundle
-from models.images import decode_image
-from models.transforms import eval_transform
-from tests.conftest import PHOTOS
-from tests.fixtures.server import PHOTO_NAMES
-from tests.test_metrics import sample
+from tests.helpers import PHOTOS, photos, pixels_of, sample
 
 INFER = "/v2/models/pet-classifier/infer"
 HEADER = "Inference-Header-Content-Length"
-
-
-def photos() -> list[bytes]:
-    return [(PHOTOS / f"{name}.jpg").read_bytes() for name in PHOTO_NAMES]
 
 
 def b64(data: bytes) -> str:
@@ -33,13 +25,6 @@ def b64(data: bytes) -> str:
 
 def image_input(images: list[bytes], **overrides) -> dict:
     return {"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": [b64(i) for i in images], **overrides}
-
-
-def pixels_of(bundle_path, images: list[bytes]) -> np.ndarray:
-    """What the service's preprocessing makes of `images`, computed here with the bundle's own transform."""
-    preprocess = load_bundle(bundle_path).preprocess
-    transform = eval_transform(preprocess)
-    return np.stack([transform(decode_image(data, min_size=preprocess["resize"])).numpy() for data in images])
 
 
 def binary_body(document: dict, *chunks: bytes) -> tuple[bytes, dict]:

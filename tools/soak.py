@@ -76,6 +76,11 @@ class Load:
             while not self._stop.is_set() and time.monotonic() < deadline:
                 self.outcomes.append(post(session, self.url, self.data, self.api_key))
 
+    def wait_answers(self, count: int, since: float | None = None, timeout: float = 120) -> None:
+        """Wait until `count` requests started at or after `since` (default: the load's start) have their answer."""
+        since = self.started if since is None else since
+        wait_for(lambda: len(self.since(since)) >= count, timeout, f"{count} answers", 0.02)
+
     def since(self, moment: float) -> list[Outcome]:
         """The outcomes of requests started at or after `moment`."""
         return [outcome for outcome in list(self.outcomes) if outcome.started >= moment]
@@ -175,13 +180,14 @@ def _replaced(url: str, master: int, old: set[int], workers: int) -> bool:
     return len(current) == workers and not current & old and ready_workers(url) >= workers
 
 
-def reload(url: str, master: int, load: Load, workers: int, settle_s: float = 3.0) -> dict:
-    """`kill -HUP <master>` under load: every worker replaced; the summary covers the requests since the HUP."""
+def reload(url: str, master: int, load: Load, workers: int, settle: int = 32) -> dict:
+    """`kill -HUP <master>` under load: every worker replaced; the summary covers the requests since the HUP, up to
+    `settle` answers after the new generation is ready."""
     old = set(worker_pids(master))
     start = time.monotonic()
     os.kill(master, signal.SIGHUP)
     replaced = wait_for(lambda: _replaced(url, master, old, workers), 120, "the new generation of workers")
-    time.sleep(settle_s)
+    load.wait_answers(settle, since=time.monotonic())
     return {"replaced_s": round(replaced, 1), "versions_live": live_versions(url), **summarize(load.since(start))}
 
 
@@ -197,7 +203,7 @@ def hot_swap(url: str, master: int, load: Load, workers: int, bundle: str, model
     return summary
 
 
-def kill_worker(url: str, master: int, load: Load, workers: int, settle_s: float = 3.0) -> dict:
+def kill_worker(url: str, master: int, load: Load, workers: int, settle: int = 32) -> dict:
     """`kill -9` of one worker under load: failures are limited to its in-flight requests; it is replaced."""
     victim = worker_pids(master)[0]
     start = time.monotonic()
@@ -208,7 +214,7 @@ def kill_worker(url: str, master: int, load: Load, workers: int, settle_s: float
     replaced = wait_for(
         lambda: ready_workers(url) >= workers and len(worker_pids(master)) == workers, 120, "a replacement worker"
     )
-    time.sleep(settle_s)
+    load.wait_answers(settle, since=time.monotonic())  # the replacement serving
     outcomes = load.since(start - CLIENT_TIMEOUT_S)  # requests in flight at the kill started before it
     affected = [o for o in outcomes if o.started + o.seconds >= start]
     failed = [o for o in affected if o.status != 200]
@@ -241,7 +247,7 @@ def reload_scenarios(bundle: str, data: bytes, workdir: str, env: dict, log_path
     results = {}
     base = {"MODEL_PATH": model_path, **env}
     with open(log_path, "ab") as log, serving(base, log, workers=2) as (server, url), Load(url, data) as load:
-        time.sleep(2)
+        load.wait_answers(32)
         results["hup_same_bundle"] = reload(url, server.pid, load, 2)
         results["hup_new_bundle"] = hot_swap(url, server.pid, load, 2, alternate, model_path)
         results["kill_9_worker"] = kill_worker(url, server.pid, load, 2)
