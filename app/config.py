@@ -51,11 +51,20 @@ class Settings:
     explain_concurrency: int = 1
     ui_enabled: bool = True  # GET / serves the try-it page (app/ui)
     gpu_decode: bool = False  # decode JPEGs on the GPU (nvJPEG) and resize there; CUDA only
+    # Request limits (docs/security.md): decoded pixels held at once per worker; how slowly a body may arrive.
+    decode_budget_mb: float = 512.0
+    body_timeout_s: float = 10.0
+    body_min_rate_kbps: float = 64.0
 
     @property
     def max_upload_bytes(self) -> int:
         """MAX_UPLOAD_MB in bytes (Flask's MAX_CONTENT_LENGTH)."""
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def decode_budget_bytes(self) -> int:
+        """DECODE_BUDGET_MB in bytes."""
+        return int(self.decode_budget_mb * 1024 * 1024)
 
     @property
     def model_paths(self) -> tuple[str, ...]:
@@ -171,6 +180,9 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
     "explain_concurrency": _number(int, 1, 64),
     "ui_enabled": _flag,
     "gpu_decode": _flag,
+    "decode_budget_mb": _number(float, 1, 1_048_576),
+    "body_timeout_s": _number(float, 0.1, 3600),
+    "body_min_rate_kbps": _number(float, 0.001, 1_048_576),
 }
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import torch
 
 from app.config import ConfigError, Settings
 from models.ensemble import Ensemble
-from models.explain import grad_cam, overlay, png_bytes
-from models.images import decode_image
+from models.explain import OVERLAY_MAX_SIDE, grad_cam, overlay, png_bytes
+from models.images import DecodeBudget, decode_fitted, decode_image
 from models.predictor import Member, Output, Predictor
 from models.quantize import RECOMMENDED_AGREEMENT, int8_path, load_int8
 from models.runtime import DeviceError, Runtime, fold_batchnorm, precision_problem, resolve_device, top_k
@@ -40,7 +41,14 @@ class Classifier:
     networks have no gradients (it then holds the members' float32 networks too).
     """
 
-    def __init__(self, predictor: Predictor, ensemble: Ensemble, max_pixels: int, explainer: Predictor | None = None):
+    def __init__(
+        self,
+        predictor: Predictor,
+        ensemble: Ensemble,
+        max_pixels: int,
+        explainer: Predictor | None = None,
+        budget: DecodeBudget | None = None,
+    ):
         self.predictor = predictor
         self.explainer = explainer or predictor
         self.runtime = predictor.runtime
@@ -51,19 +59,22 @@ class Classifier:
         self.crop = ensemble.preprocess["crop"]
         self.min_size = ensemble.preprocess["resize"]
         self.max_pixels = max_pixels
+        self.budget = budget  # decoded bytes all request threads may hold at once (DECODE_BUDGET_MB)
         self.transform = eval_transform(ensemble.preprocess)
         self.normalize = self.transform.normalize.to(self.device)  # a copy on the device the batch is stacked on
         self.decoder = None  # set by build_classifier when GPU_DECODE is on
 
-    def preprocess(self, data: bytes, tta: str = "none") -> list[torch.Tensor]:
+    def preprocess(self, data: bytes, tta: str = "none", timeout: float | None = None) -> list[torch.Tensor]:
         """Untrusted bytes -> uint8 (3, crop, crop) pixels, one per view (the mirror too for tta 'flip').
 
         Runs in request threads: PIL and numpy only, no torch kernel, so no OpenMP team competes with the
-        batcher's (or on the GPU with GPU_DECODE). Raises models.images.ImageError.
+        batcher's (or on the GPU with GPU_DECODE). Raises models.images.ImageError, or DecodeBusy when the
+        worker's DECODE_BUDGET_MB stays spent for `timeout` seconds.
         """
         pixels = None if self.decoder is None else self.decoder(data)  # None: not a JPEG, PIL decodes it
         if pixels is None:
-            pixels = self.transform.pixels(decode_image(data, self.max_pixels, min_size=self.min_size))
+            image = decode_image(data, self.max_pixels, self.min_size, self.budget, timeout)
+            pixels = self.transform.pixels(image)
         return [pixels] if tta == "none" else [pixels, mirrored(pixels)]
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
@@ -96,14 +107,17 @@ class Classifier:
             result["all_probabilities"] = dict(zip(self.class_names, values, strict=True))
         return result
 
-    def explain(self, data: bytes, class_name: str | None, k: int) -> tuple[bytes, dict]:
-        """Untrusted bytes -> (PNG of the Grad-CAM heat over the image at its own size, the prediction document)."""
-        tensor = self.collate(self.preprocess(data))[0]  # exactly what /predict computes on
-        picture = decode_image(data, self.max_pixels)  # full resolution, for the overlay
+    def explain(self, data: bytes, class_name: str | None, k: int, check=lambda: None) -> tuple[bytes, dict]:
+        """Untrusted bytes -> (PNG of the Grad-CAM heat over the image, fitted to OVERLAY_MAX_SIDE, the prediction
+        document); `check()` runs between the steps (it raises to stop)."""
+        tensor = self.collate(self.preprocess(data, timeout=check()))[0]  # exactly what /predict computes on
         class_index = None if class_name is None else self.class_names.index(class_name)
         heat, output = grad_cam(self.explainer, tensor, class_index)
+        # The picture is decoded again, at most OVERLAY_MAX_SIDE pixels long: never the full original.
+        picture = decode_fitted(data, self.max_pixels, OVERLAY_MAX_SIDE, self.budget, check())
         result = self.postprocess(output, k)
         result["explained_class"] = class_name or result["predicted_class"]
+        check()
         return png_bytes(overlay(picture, heat, self.preprocess_config)), result
 
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
@@ -121,7 +135,7 @@ class Classifier:
 def _int8_summary(network) -> dict:
     info = network.info
     return {
-        "file": info.get("file"),
+        "file": info.get("file") and os.path.basename(info["file"]),  # the name, not the server's path
         "agreement": (info.get("agreement") or {}).get("int8"),
         "calibration": info.get("calibration"),
     }
@@ -163,7 +177,8 @@ def build_classifier(settings: Settings, ensemble: Ensemble, device: torch.devic
     predictor = Predictor(served, runtime)
     explainer = Predictor(floats, runtime) if settings.precision == "int8" else None
     log.info("model %s (%s) on %s, precision %s", ensemble.version, ensemble.arch, device, settings.precision)
-    classifier = Classifier(predictor, ensemble, settings.max_image_pixels, explainer)
+    budget = DecodeBudget(settings.decode_budget_bytes)
+    classifier = Classifier(predictor, ensemble, settings.max_image_pixels, explainer, budget)
     if settings.gpu_decode:
         from app.gpu_decode import GpuDecoder
 

@@ -49,7 +49,7 @@ def explain():
     """One image -> its Grad-CAM heat map over the image (PNG), or with ?format=json the prediction plus the PNG."""
     svc = service()
     options = svc.explain_schema.load(request.args)
-    png, result = svc.explain(single_image(request), options["class_"], options["top_k"])
+    png, result = svc.explain(single_image(request), options["class_"], options["top_k"], arrived=arrival_time())
     if options["format"] == "png":
         return Response(png, content_type="image/png")
     result["heatmap_png"] = base64.b64encode(png).decode("ascii")

@@ -18,7 +18,7 @@ from app.metrics import Metrics
 from app.schemas import ExplainQuerySchema, PredictQuerySchema
 from models.ensemble import Ensemble
 from models.explain import ExplainError
-from models.images import ImageError
+from models.images import DecodeBusy, ImageError
 from models.predictor import Output, average
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class Service:
         self._check_deadline(deadline)  # it waited for a thread past its deadline: answer at once, compute nothing
         # Announced before decoding: a batch forming meanwhile waits for these items (up to MAX_BATCH_WAIT_MS).
         with batcher.preparing(len(images) * (1 if tta == "none" else 2)):  # flip: two views per image
-            views = self._preprocess(classifier, images, tta)
+            views = self._preprocess(classifier, images, tta, deadline)
             rows = self._submit_all(batcher, [view for image_views in views for view in image_views], deadline)
         rows = iter(self._results(rows, deadline))
         return self._counted([average([next(rows) for _ in image_views]) for image_views in views])
@@ -174,19 +174,25 @@ class Service:
             self.metrics.predicted(label, predictor.is_unknown(score))
         return outputs
 
-    def explain(self, image: bytes, class_name: str | None = None, top_k: int = 5) -> tuple[bytes, dict]:
-        """Grad-CAM of one image: (PNG of the heat over the image, the prediction); ApiError when busy.
+    def explain(
+        self, image: bytes, class_name: str | None = None, top_k: int = 5, arrived: float | None = None
+    ) -> tuple[bytes, dict]:
+        """Grad-CAM of one image: (PNG of the heat over the image, the prediction); ApiError when busy or late.
 
-        Runs in the calling thread, never in the batcher, at most EXPLAIN_CONCURRENCY at a time per worker.
+        Runs in the calling thread, never in the batcher, at most EXPLAIN_CONCURRENCY at a time per worker;
+        REQUEST_TIMEOUT_S (from `arrived`) is checked between its steps (decode, Grad-CAM, overlay): 504 past it.
         """
+        deadline = self._deadline(arrived)
         classifier, _ = self._ready()
         if not self._explain_slots.acquire(blocking=False):
             limit = self.settings.explain_concurrency
             raise ApiError("explain_busy", f"{limit} explanation(s) already running (EXPLAIN_CONCURRENCY={limit})")
         try:
-            png, result = classifier.explain(image, class_name, top_k)
+            png, result = classifier.explain(image, class_name, top_k, lambda: self._check_deadline(deadline))
         except ExplainError as error:
             raise ApiError("explain_unsupported", str(error)) from error
+        except DecodeBusy as error:
+            raise self._timeout() from error
         finally:
             self._explain_slots.release()
         return png, result
@@ -202,21 +208,24 @@ class Service:
         """Seconds left before `deadline`; raises ApiError("timeout") when none are."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            limit = self.settings.request_timeout_s
-            raise ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={limit}s")
+            raise self._timeout()
         return remaining
 
-    @staticmethod
-    def _preprocess(classifier: Classifier, images: list[bytes], tta: str) -> list[list[torch.Tensor]]:
-        """Each image's views as uint8 pixels; ImageError names the image's position in a batch."""
-        if len(images) == 1:
-            return [classifier.preprocess(images[0], tta)]
+    def _timeout(self) -> ApiError:
+        return ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={self.settings.request_timeout_s}s")
+
+    def _preprocess(self, classifier: Classifier, images: list[bytes], tta: str, deadline: float):
+        """Each image's views as uint8 pixels, the deadline checked before each; ImageError names a batch's image."""
         views = []
         for index, data in enumerate(images):
             try:
-                views.append(classifier.preprocess(data, tta))
+                views.append(classifier.preprocess(data, tta, timeout=self._check_deadline(deadline)))
             except ImageError as error:
+                if len(images) == 1:
+                    raise
                 raise type(error)(f"image {index}: {error}") from error
+            except DecodeBusy as error:
+                raise self._timeout() from error
         return views
 
     def _submit_all(
@@ -238,8 +247,7 @@ class Service:
         try:
             return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except (concurrent.futures.TimeoutError, DeadlineExceeded) as error:
-            limit = self.settings.request_timeout_s
-            raise ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={limit}s") from error
+            raise self._timeout() from error
         except BatcherStopped as error:
             raise ApiError("not_ready", str(error)) from error
         finally:
