@@ -6,11 +6,11 @@ import logging
 import time
 
 from flask import Flask, g, request
-from werkzeug.exceptions import RequestEntityTooLarge
 
+from app import body
 from app.auth import install_api_keys, public_endpoints
 from app.config import ConfigError, Settings, load_settings
-from app.errors import coded_response, register_error_handlers
+from app.errors import register_error_handlers
 from app.inference import serving_device
 from app.metrics import Metrics
 from app.openapi import build_spec
@@ -44,14 +44,6 @@ def _install_metrics_hooks(app: Flask, metrics: Metrics) -> None:
         return response
 
 
-def _install_size_limit_handler(app: Flask, settings: Settings) -> None:
-    @app.errorhandler(RequestEntityTooLarge)
-    def _too_large(_error):
-        return coded_response(
-            "payload_too_large", f"the request body exceeds MAX_UPLOAD_MB={settings.max_upload_mb:g} MB"
-        )
-
-
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the app: settings (defaults < environment < test_config), bundle, metrics, routes; returns it warm.
 
@@ -71,7 +63,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     metrics = Metrics(bundle.class_names)
     app.extensions[EXTENSION] = Service(settings, bundle, device, metrics)
     register_error_handlers(app)
-    _install_size_limit_handler(app, settings)
+    body.install(app, settings, metrics)  # MAX_UPLOAD_MB for chunked bodies too; slow bodies cut off (408)
     _install_metrics_hooks(app, metrics)
     install_api_keys(app, settings)
     app.register_blueprint(bp)
