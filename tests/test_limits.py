@@ -16,7 +16,9 @@ import pytest
 import requests
 from PIL import Image
 
+from app.config import load_settings
 from app.loadgen import children, status_kib
+from app.soak import memory_ceiling, most_expensive_image, worst_case
 from models.explain import OVERLAY_MAX_SIDE
 from tests.fixtures.server import poll_readyz, start_server
 
@@ -270,3 +272,13 @@ def test_gunicorn_refusals_answer_in_the_json_error_shape(limited, head, status,
 def test_model_shows_bundle_file_names_not_server_paths(limited, tiny_bundle_path):
     members = requests.get(f"{limited.url}/model", timeout=10).json()["members"]
     assert [member["path"] for member in members] == [tiny_bundle_path.name]
+
+
+def test_threads_clients_at_once_with_the_costliest_image_stay_under_the_ceiling(limited, tiny_bundle_path):
+    settings = load_settings({k: str(v) for k, v in LIMITS.items()}, {"MODEL_PATH": str(tiny_bundle_path)})
+    data = most_expensive_image(settings.max_image_pixels)
+    result = worst_case(limited.url, worker_pid(limited), data, clients=LIMITS["THREADS"])
+    print(f"worst case: {result}")
+    assert set(result["answers"]) <= {"200", "413", "503", "504"} and result["worker_survived"], result
+    growth = (result["rss_mb"]["peak"] - result["rss_mb"]["before"]) * MB
+    assert growth <= memory_ceiling(settings, LIMITS["THREADS"])
