@@ -52,7 +52,7 @@ class UnsupportedImageFormat(ImageError):
     code = "unsupported_format"
 
 
-class DecodeBusy(TimeoutError):
+class DecodeBusy(Exception):  # not an OSError: decode_image reports those as corrupt images
     """The decode budget stayed spent by other decodes for longer than the caller would wait."""
 
 
