@@ -9,7 +9,11 @@ werkzeug's LimitedStream would turn into 400 "client disconnected".
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import socket
+import threading
 import time
 
 from flask import Flask, request
@@ -29,9 +33,59 @@ class BodyTimeout(Exception):
     """The body arrived slower than the allowed rate, or stopped arriving."""
 
 
+class Watchdog:
+    """One thread per worker that shuts the reading side of a socket whose read passed its deadline.
+
+    A socket timeout alone bounds each recv, not a read: gunicorn gathers a read of n bytes from as many recvs
+    as it takes, so a client sending one byte just inside each timeout could hold a thread for n timeouts.
+    After the shutdown the blocked recv returns at once, and the read raises BodyTimeout.
+    """
+
+    def __init__(self):
+        self._due: list[tuple[float, int, socket.socket]] = []  # a heap of (deadline, ticket, socket)
+        self._fired: set[int] = set()
+        self._tickets = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, sock: socket.socket) -> int:
+        """Shut `sock` for reading at `deadline` unless release(ticket) comes first."""
+        with self._changed:
+            if self._thread is None:  # started in the worker (after gunicorn's fork), on the first body read
+                self._thread = threading.Thread(target=self._run, name="body-watchdog", daemon=True)
+                self._thread.start()
+            ticket = next(self._tickets)
+            heapq.heappush(self._due, (deadline, ticket, sock))
+            self._changed.notify()
+        return ticket
+
+    def release(self, ticket: int) -> bool:
+        """Stop watching `ticket`'s read; True when its deadline had already shut the socket."""
+        with self._changed:
+            self._due = [entry for entry in self._due if entry[1] != ticket]
+            heapq.heapify(self._due)
+            fired = ticket in self._fired
+            self._fired.discard(ticket)
+        return fired
+
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                while self._due and self._due[0][0] <= time.monotonic():
+                    _, ticket, sock = heapq.heappop(self._due)
+                    self._fired.add(ticket)
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RD)
+                self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
+
+
+WATCHDOG = Watchdog()
+
+
 class GuardedInput:
     """wsgi.input that raises BodyTooLarge past `limit` bytes and BodyTimeout when the body falls behind:
-    after `grace_s` + received / `rate` seconds from the first read. `sock` (gunicorn's) bounds each wait."""
+    after `grace_s` + received / `rate` seconds from the first read. `sock` (gunicorn's) is shut for reading
+    when a read outlives that deadline."""
 
     def __init__(self, stream, sock: socket.socket | None, limit: int, grace_s: float, rate: float, chunked: bool):
         self.stream, self.sock, self.limit, self.grace_s, self.rate = stream, sock, limit, grace_s, rate
@@ -42,18 +96,21 @@ class GuardedInput:
     def _timed(self, read, size: int):
         if self.started is None:
             self.started = time.monotonic()
-        left = self.started + self.grace_s + self.received / self.rate - time.monotonic()
-        if left <= 0:
+        deadline = self.started + self.grace_s + self.received / self.rate
+        if deadline <= time.monotonic():
             raise BodyTimeout(self._behind())
-        if self.sock is not None:
-            self.sock.settimeout(left)
-        try:
+        if self.sock is None:  # not under gunicorn (e.g. Flask's test client): nothing blocks
             data = read(size)
-        except TimeoutError as error:  # socket.timeout: gunicorn's reader waited `left` seconds for nothing
-            raise BodyTimeout(self._behind()) from error
-        finally:
-            if self.sock is not None:
-                self.sock.settimeout(None)  # back to blocking, as gunicorn's worker keeps it
+        else:
+            ticket = WATCHDOG.watch(deadline, self.sock)
+            try:
+                data = read(size)
+            except Exception as error:
+                if WATCHDOG.release(ticket):
+                    raise BodyTimeout(self._behind()) from error
+                raise
+            if WATCHDOG.release(ticket):
+                raise BodyTimeout(self._behind())
         self.received += len(data)
         if self.received > self.limit:
             raise BodyTooLarge(f"more than {self.limit} bytes")

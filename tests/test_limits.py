@@ -208,8 +208,9 @@ def test_a_body_slower_than_the_rate_is_cut_off_and_counted(limited, cat_jpeg, t
     status, _, rest = answer.partition(b"\r\n")
     assert status.startswith(b"HTTP/1.1 408"), answer[:300]
     assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_timeout"
-    # Cut at BODY_TIMEOUT_S plus received / BODY_MIN_RATE_KBPS (here under 0.1 s), then closed by the server.
-    assert seconds < BODY_TIMEOUT_S + 10
+    # Cut at BODY_TIMEOUT_S plus received / BODY_MIN_RATE_KBPS (here under 0.5 s), then closed by the server;
+    # the trickle alone lasts 8 s: a read gathered from many tiny recvs is bounded as a whole.
+    assert seconds < BODY_TIMEOUT_S + 4
     assert body_timeouts(limited) == counted + 1
 
 
