@@ -8,9 +8,9 @@ Worst case (issue 21): THREADS clients at once, each posting the costliest image
 deflated float32 TIFF) --worst-rounds times, to one worker: every answer 200/413/503/504, the worker alive, its
 peak resident memory under the ceiling docs/security.md states.
 
-    python scripts/soak.py --model models/pet_classifier.pt                 # both (about 4 minutes)
-    python scripts/soak.py --model models/pet_classifier.pt --only reload --json soak.json
-    python scripts/soak.py --model models/pet_classifier.pt --only worst-case --threads 40
+    python -m scripts.soak --model models/pet_classifier.pt                 # both (about 4 minutes)
+    python -m scripts.soak --model models/pet_classifier.pt --only reload --json soak.json
+    python -m scripts.soak --model models/pet_classifier.pt --only worst-case --threads 40
 """
 
 from __future__ import annotations
@@ -18,10 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-from models.bundle import DEFAULT_BUNDLE_PATH
+from models.paths import DEFAULT_BUNDLE_PATH
+
+try:
+    import tools  # noqa: F401  (the repository's measurement tools: not packaged, importable from the root)
+except ModuleNotFoundError:
+    sys.exit("scripts/soak.py uses the repository's tools/ folder: run it from the repository root as "
+             "python -m scripts.soak")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = ROOT / "tests" / "data" / "chelsea.jpg"
@@ -46,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the chosen parts; print one JSON line per scenario and return them all."""
-    from app import soak
+    from tools import soak
 
     args = get_args_parser().parse_args(argv)
     data = args.image.read_bytes()

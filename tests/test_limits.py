@@ -17,10 +17,10 @@ import requests
 from PIL import Image
 
 from app.config import load_settings
-from app.loadgen import children, status_kib
-from app.soak import memory_ceiling, most_expensive_image, worst_case
 from models.explain import OVERLAY_MAX_SIDE
 from tests.fixtures.server import poll_readyz, start_server
+from tools.loadgen import children, status_kib
+from tools.soak import memory_ceiling, most_expensive_image, worst_case
 
 SIDE = 6324  # just under the default MAX_IMAGE_PIXELS (40 M): 39.99 M pixels
 PIXELS = SIDE * SIDE
