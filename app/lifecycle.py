@@ -36,6 +36,7 @@ from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
 from app.arrival import set_arrival
+from app.watchdog import release_headers, watch_headers
 
 RUN_DIR_ENV = "PETCLF_RUN_DIR"
 GENERATION_ENV = "PETCLF_GENERATION"
@@ -220,6 +221,7 @@ class ServingWorker(ThreadWorker):
         self.run_dir = RunDir.from_env()
         self._rejected = 0  # the newest generation seen failing: later SIGTERMs ignore it
         self._handover: threading.Thread | None = None
+        self._header_timeout_s: float | None = None  # BODY_TIMEOUT_S, read from the app once it is loaded
         self._record(BOOTING)  # in the master, before the fork
 
     def _record(self, state: str, reason: str = "") -> None:
@@ -270,6 +272,11 @@ class ServingWorker(ThreadWorker):
         os._exit(1)
 
     def run(self):
+        wsgi = getattr(self, "wsgi", None)
+        if wsgi is not None:
+            from app.service import get_service  # the app is loaded: no import cost left
+
+            self._header_timeout_s = get_service(wsgi).settings.body_timeout_s
         if self.alive:
             self._record(READY)
             self.log.info("worker %s ready (generation %d): accepting connections", self.pid, self.generation)
@@ -283,7 +290,14 @@ class ServingWorker(ThreadWorker):
 
     def handle(self, conn):
         set_arrival(getattr(conn, "petclf_arrived", None))
-        return super().handle(conn)
+        if self._header_timeout_s:
+            # gunicorn waits at most 5 s for a request's first byte, but then reads its headers without a deadline:
+            # a client that stops mid-headers held the thread until it hung up. BODY_TIMEOUT_S bounds them too.
+            watch_headers(time.monotonic() + self._header_timeout_s, conn.sock)
+        try:
+            return super().handle(conn)
+        finally:
+            release_headers()
 
     # Stop: drain at once, or after the newer generation is ready
 

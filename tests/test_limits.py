@@ -283,3 +283,10 @@ def test_threads_clients_at_once_with_the_costliest_image_stay_under_the_ceiling
     assert set(result["answers"]) <= {"200", "413", "503", "504"} and result["worker_survived"], result
     growth = (result["rss_mb"]["peak"] - result["rss_mb"]["before"]) * MB
     assert growth <= memory_ceiling(settings, LIMITS["THREADS"])
+
+
+def test_headers_that_stop_arriving_are_cut_off(limited):
+    # gunicorn reads headers without a deadline once their first byte came; BODY_TIMEOUT_S bounds them too.
+    answer, seconds = raw_exchange(limited, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: ima")
+    assert answer == b"" and seconds < BODY_TIMEOUT_S + 4  # closed without an answer: the request never began
+    assert requests.get(f"{limited.url}/livez", timeout=10).status_code == 200
