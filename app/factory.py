@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 from flask import Flask
-from werkzeug.exceptions import RequestEntityTooLarge
 
+from app import body
 from app.auth import install_api_keys, public_endpoints
-from app.config import Settings, load_settings
-from app.errors import coded_response, register_error_handlers
+from app.config import load_settings
+from app.errors import register_error_handlers
 from app.inference import serving_device
 from app.metrics import Metrics
 from app.openapi import build_spec
@@ -25,12 +25,6 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("app").setLevel(level.upper())
 
 
-def _install_size_limit_handler(app: Flask, settings: Settings) -> None:
-    @app.errorhandler(RequestEntityTooLarge)
-    def _too_large(_error):
-        return coded_response(
-            "payload_too_large", f"the request body exceeds MAX_UPLOAD_MB={settings.max_upload_mb:g} MB"
-        )
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -52,7 +46,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     metrics = Metrics(bundle.class_names)
     app.extensions[EXTENSION] = Service(settings, bundle, device, metrics)
     register_error_handlers(app)
-    _install_size_limit_handler(app, settings)
+    body.install(app, settings, metrics)  # MAX_UPLOAD_MB for chunked bodies too; slow bodies cut off (408)
     metrics.observe_requests(app)
     install_api_keys(app, settings)
     app.register_blueprint(bp)

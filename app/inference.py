@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+from collections.abc import Callable
 
 import torch
 
 from app.config import ConfigError, Settings
 from models.ensemble import Ensemble
-from models.explain import grad_cam, overlay, png_bytes
-from models.images import ImageError, decode_image
+from models.explain import OVERLAY_MAX_SIDE, grad_cam, overlay, png_bytes
+from models.images import DecodeBudget, ImageError, decode_fitted, decode_image
 from models.predictor import Member, Output, Predictor
 from models.quantize import RECOMMENDED_AGREEMENT, int8_path, load_int8
 from models.runtime import DeviceError, Runtime, fold_batchnorm, precision_problem, resolve_device, top_k
@@ -44,7 +46,14 @@ class Handler:
     networks have no gradients (it then holds the members' float32 networks too).
     """
 
-    def __init__(self, predictor: Predictor, ensemble: Ensemble, max_pixels: int, explainer: Predictor | None = None):
+    def __init__(
+        self,
+        predictor: Predictor,
+        ensemble: Ensemble,
+        max_pixels: int,
+        explainer: Predictor | None = None,
+        budget: DecodeBudget | None = None,
+    ):
         self.predictor = predictor
         self.explainer = explainer or predictor
         self.runtime = predictor.runtime
@@ -55,30 +64,38 @@ class Handler:
         self.crop = ensemble.preprocess["crop"]
         self.min_size = ensemble.preprocess["resize"]
         self.max_pixels = max_pixels
+        self.budget = budget  # decoded bytes all request threads may hold at once (DECODE_BUDGET_MB)
         self.transform = eval_transform(ensemble.preprocess)
         self.normalize = self.transform.normalize.to(self.device)  # a copy on the device the batch is stacked on
         self.decoder = None  # set by build_handler when GPU_DECODE is on
 
-    def preprocess(self, data: bytes, tta: str = "none") -> list[torch.Tensor]:
+    def preprocess(self, data: bytes, tta: str = "none", timeout: float | None = None) -> list[torch.Tensor]:
         """Untrusted bytes -> uint8 (3, crop, crop) pixels, one per view (the mirror too for tta 'flip').
 
         Runs in request threads: PIL and numpy only, no torch kernel, so no OpenMP team competes with the
-        batcher's (or on the GPU with GPU_DECODE). Raises models.images.ImageError.
+        batcher's (or on the GPU with GPU_DECODE). Raises models.images.ImageError, or DecodeBusy when the
+        worker's DECODE_BUDGET_MB stays spent for `timeout` seconds.
         """
         pixels = None if self.decoder is None else self.decoder(data)  # None: not a JPEG, PIL decodes it
         if pixels is None:
-            pixels = self.transform.pixels(decode_image(data, self.max_pixels, min_size=self.min_size))
+            image = decode_image(data, self.max_pixels, self.min_size, self.budget, timeout)
+            pixels = self.transform.pixels(image)
         return [pixels] if tta == "none" else [pixels, mirrored(pixels)]
 
-    def preprocess_all(self, images: list[bytes], tta: str = "none") -> list[list[torch.Tensor]]:
-        """Each image's views (`preprocess`); the ImageError of a batch names the image's position."""
-        if len(images) == 1:
-            return [self.preprocess(images[0], tta)]
+    def preprocess_all(
+        self, images: list[bytes], tta: str = "none", time_left: Callable[[], float] | None = None
+    ) -> list[list[torch.Tensor]]:
+        """Each image's views (`preprocess`); the ImageError of a batch names the image's position.
+
+        `time_left()` (seconds; it raises once none are) is asked before each image and bounds its decode's wait.
+        """
         views = []
         for index, data in enumerate(images):
             try:
-                views.append(self.preprocess(data, tta))
+                views.append(self.preprocess(data, tta, None if time_left is None else time_left()))
             except ImageError as error:
+                if len(images) == 1:
+                    raise
                 raise type(error)(f"image {index}: {error}") from error
         return views
 
@@ -113,14 +130,17 @@ class Handler:
             result["all_probabilities"] = dict(zip(self.class_names, values, strict=True))
         return result
 
-    def explain(self, data: bytes, class_name: str | None, k: int) -> tuple[bytes, dict]:
-        """Untrusted bytes -> (PNG of the Grad-CAM heat over the image at its own size, the prediction document)."""
-        tensor = self.collate(self.preprocess(data))[0]  # exactly what /predict computes on
-        picture = decode_image(data, self.max_pixels)  # full resolution, for the overlay
+    def explain(self, data: bytes, class_name: str | None, k: int, check=lambda: None) -> tuple[bytes, dict]:
+        """Untrusted bytes -> (PNG of the Grad-CAM heat over the image, fitted to OVERLAY_MAX_SIDE, the prediction
+        document); `check()` runs between the steps (it raises to stop)."""
+        tensor = self.collate(self.preprocess(data, timeout=check()))[0]  # exactly what /predict computes on
         class_index = None if class_name is None else self.class_names.index(class_name)
         heat, output = grad_cam(self.explainer, tensor, class_index)
+        # The picture is decoded again, at most OVERLAY_MAX_SIDE pixels long: never the full original.
+        picture = decode_fitted(data, self.max_pixels, OVERLAY_MAX_SIDE, self.budget, check())
         result = self.postprocess(output, k)
         result["explained_class"] = class_name or result["predicted_class"]
+        check()
         return png_bytes(overlay(picture, heat, self.preprocess_config)), result
 
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
@@ -138,7 +158,7 @@ class Handler:
 def _int8_summary(network) -> dict:
     info = network.info
     return {
-        "file": info.get("file"),
+        "file": info.get("file") and os.path.basename(info["file"]),  # the name, not the server's path
         "agreement": (info.get("agreement") or {}).get("int8"),
         "calibration": info.get("calibration"),
     }
@@ -182,7 +202,8 @@ def build_handler(settings: Settings, ensemble: Ensemble, device: torch.device) 
     predictor = Predictor(served, runtime)
     explainer = Predictor(floats, runtime) if settings.precision == "int8" else None
     log.info("model %s (%s) on %s, precision %s", ensemble.version, ensemble.arch, device, settings.precision)
-    handler = Handler(predictor, ensemble, settings.max_image_pixels, explainer)
+    budget = DecodeBudget(settings.decode_budget_bytes)
+    handler = Handler(predictor, ensemble, settings.max_image_pixels, explainer, budget)
     if settings.gpu_decode:
         from app.gpu_decode import GpuDecoder
 

@@ -45,6 +45,10 @@ class Metrics(BatchObserver):
         self.depth = Gauge(
             f"{PREFIX}_queue_depth", "Images waiting for a forward pass", multiprocess_mode="livesum", registry=reg
         )
+        self.body_timeouts = Counter(
+            f"{PREFIX}_body_timeouts", "Request bodies cut off for arriving too slowly (BODY_MIN_RATE_KBPS)",
+            ["route"], registry=reg,
+        )  # fmt: skip
         self.rejected = Counter(f"{PREFIX}_rejected_requests", "Refused requests", ["reason"], registry=reg)
         self.predictions = Counter(f"{PREFIX}_predictions", "Predictions by top class", ["class"], registry=reg)
         self.unknown = Counter(f"{PREFIX}_unknown", "Predictions flagged unknown (out of distribution)", registry=reg)
@@ -87,6 +91,10 @@ class Metrics(BatchObserver):
     def reject(self, reason: str) -> None:
         """Count a refused request by reason (the error code)."""
         self.rejected.labels(reason).inc()
+
+    def body_timeout(self, route: str) -> None:
+        """Count a request whose body was cut off for arriving too slowly (answered 408, connection closed)."""
+        self.body_timeouts.labels(route).inc()
 
     def predicted(self, label: str, unknown: bool = False) -> None:
         """Count one prediction of `label`, and whether it was flagged unknown."""

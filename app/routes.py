@@ -145,7 +145,7 @@ def predict_batch():
 def explain():
     """One image -> its Grad-CAM heat map over the image (PNG), or with ?format=json the prediction plus the PNG."""
     options = query("explain")
-    png, result = service().explain(single_image(request), options["class_"], options["top_k"])
+    png, result = service().explain(single_image(request), options["class_"], options["top_k"], arrival_time())
     if options["format"] == "png":
         return Response(png, content_type="image/png")
     result["heatmap_png"] = base64.b64encode(png).decode("ascii")

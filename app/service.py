@@ -22,9 +22,12 @@ from app.inference import Handler, build_handler
 from app.metrics import Metrics
 from models.ensemble import Ensemble
 from models.explain import ExplainError
+from models.images import DecodeBusy
 from models.predictor import Output, average
 
 log = logging.getLogger(__name__)
+# (handler, seconds left) -> each image's views; the callable raises ApiError 504 once no time is left
+Prepare = Callable[[Handler, Callable[[], float]], list[list[torch.Tensor]]]
 EXTENSION = "petclf"  # the Service's key in app.extensions
 
 
@@ -120,29 +123,34 @@ class Service:
         from then, so time spent waiting for a request thread under overload counts too.
         """
         views = 1 if tta == "none" else 2  # flip: two views per image
-        outputs = self._run(len(images) * views, lambda handler: handler.preprocess_all(images, tta), arrived)
+        prepare: Prepare = lambda handler, left: handler.preprocess_all(images, tta, left)  # noqa: E731
+        outputs = self._run(len(images) * views, prepare, arrived)
         return self._counted([self.handler.postprocess(output, top_k, include_probabilities) for output in outputs])
 
     def probabilities(self, images: list[bytes], arrived: float | None = None) -> torch.Tensor:
         """Image bytes -> (N, classes) calibrated probabilities in order, counted; raises ApiError or ImageError."""
-        outputs = self._run(len(images), lambda handler: handler.preprocess_all(images), arrived)
+        outputs = self._run(len(images), lambda handler, left: handler.preprocess_all(images, time_left=left), arrived)
         return self._probabilities(outputs)
 
     def pixel_probabilities(self, pixels: torch.Tensor, arrived: float | None = None) -> torch.Tensor:
         """Preprocessed (N, 3, crop, crop) float32 pixels (checked by the v2 codec) -> (N, classes) probabilities,
         counted; raises ApiError."""
-        return self._probabilities(self._run(len(pixels), lambda _: [[row] for row in pixels], arrived))
+        return self._probabilities(self._run(len(pixels), lambda _, __: [[row] for row in pixels], arrived))
 
-    def _run(
-        self, items: int, prepare: Callable[[Handler], list[list[torch.Tensor]]], arrived: float | None
-    ) -> list[Output]:
-        """One Output per image (its views averaged): `prepare` gives each image's views, the batcher computes them."""
+    def _run(self, items: int, prepare: Prepare, arrived: float | None) -> list[Output]:
+        """One Output per image (its views averaged): `prepare` gives each image's views, the batcher computes them.
+
+        `prepare` gets the handler and a callable giving the seconds left (ApiError 504 when none are left).
+        """
         deadline = self._deadline(arrived)
         handler, batcher = self._ready()
         self._check_deadline(deadline)  # it waited for a thread past its deadline: answer at once, compute nothing
         # Announced before preparing: a batch forming meanwhile waits for these items (up to MAX_BATCH_WAIT_MS).
         with batcher.preparing(items):
-            views = prepare(handler)
+            try:
+                views = prepare(handler, lambda: self._check_deadline(deadline))
+            except DecodeBusy as error:  # no decode room freed up before the deadline
+                raise self._timeout() from error
             futures = self._submit_all(batcher, [view for image_views in views for view in image_views], deadline)
         rows = iter(self._results(futures, deadline))
         return [average([next(rows) for _ in image_views]) for image_views in views]
@@ -160,19 +168,25 @@ class Service:
             self.metrics.predicted(document["predicted_class"], document["unknown"])
         return documents
 
-    def explain(self, image: bytes, class_name: str | None = None, top_k: int = 5) -> tuple[bytes, dict]:
-        """Grad-CAM of one image: (PNG of the heat over the image, the prediction); ApiError when busy.
+    def explain(
+        self, image: bytes, class_name: str | None = None, top_k: int = 5, arrived: float | None = None
+    ) -> tuple[bytes, dict]:
+        """Grad-CAM of one image: (PNG of the heat over the image, the prediction); ApiError when busy or late.
 
-        Runs in the calling thread, never in the batcher, at most EXPLAIN_CONCURRENCY at a time per worker.
+        Runs in the calling thread, never in the batcher, at most EXPLAIN_CONCURRENCY at a time per worker;
+        REQUEST_TIMEOUT_S (from `arrived`) is checked between its steps (decode, Grad-CAM, overlay): 504 past it.
         """
+        deadline = self._deadline(arrived)
         handler, _ = self._ready()
         if not self._explain_slots.acquire(blocking=False):
             limit = self.settings.explain_concurrency
             raise ApiError("explain_busy", f"{limit} explanation(s) already running (EXPLAIN_CONCURRENCY={limit})")
         try:
-            png, result = handler.explain(image, class_name, top_k)
+            png, result = handler.explain(image, class_name, top_k, lambda: self._check_deadline(deadline))
         except ExplainError as error:
             raise ApiError("explain_unsupported", str(error)) from error
+        except DecodeBusy as error:
+            raise self._timeout() from error
         finally:
             self._explain_slots.release()
         return png, result
@@ -188,9 +202,11 @@ class Service:
         """Seconds left before `deadline`; raises ApiError("timeout") when none are."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            limit = self.settings.request_timeout_s
-            raise ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={limit}s")
+            raise self._timeout()
         return remaining
+
+    def _timeout(self) -> ApiError:
+        return ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={self.settings.request_timeout_s}s")
 
     def _submit_all(
         self, batcher: MicroBatcher, tensors: list[torch.Tensor], deadline: float
@@ -211,8 +227,7 @@ class Service:
         try:
             return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except (concurrent.futures.TimeoutError, DeadlineExceeded) as error:
-            limit = self.settings.request_timeout_s
-            raise ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={limit}s") from error
+            raise self._timeout() from error
         except BatcherStopped as error:
             raise ApiError("not_ready", str(error)) from error
         finally:

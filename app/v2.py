@@ -141,7 +141,7 @@ def infer(model_name: str, model_version: str | None = None):
     if encoding != "identity":
         message = f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
         raise ApiError("unsupported_media_type", message)
-    document, binary = split_body(request.get_data(cache=False), request.headers.get(HEADER_LENGTH))
+    document, binary = split_body(request.get_data(cache=False), request.headers.get(HEADER_LENGTH), spec)
     g.v2_request_id = request_id(document)
     parsed = decode_request(document, binary, spec)
     service = _service()

@@ -7,6 +7,8 @@ it. Traffic goes only to the loopback server these functions start themselves.
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import shutil
 import signal
@@ -20,7 +22,9 @@ from dataclasses import dataclass, field
 
 import requests
 import torch
+from PIL import Image
 
+from app.config import Settings, load_settings
 from models.bundle import load_model, save_bundle
 from tools.harness import ready_workers, serving
 from tools.loadgen import children as worker_pids  # the live children of gunicorn's master: its workers
@@ -294,3 +298,72 @@ def _sequential_ms(url: str, data: bytes, count: int = 20) -> float:
     with requests.Session() as session:
         outcomes = [post(session, url, data) for _ in range(count)]
     return round(statistics.median(o.seconds for o in outcomes) * 1000, 1)
+
+
+# The worst case the limits allow (issue 21)
+
+
+def most_expensive_image(max_pixels: int) -> bytes:
+    """The costliest file to decode under MAX_IMAGE_PIXELS: a square float32 greyscale TIFF (4 bytes a pixel once
+    decoded, the most Pillow holds) just under the limit, deflated to a few hundred KB."""
+    side = math.isqrt(max_pixels)
+    buffer = io.BytesIO()
+    Image.new("F", (side, side), 1000.5).save(buffer, "TIFF", compression="tiff_adobe_deflate")
+    return buffer.getvalue()
+
+
+def worst_case(url: str, worker: int, data: bytes, clients: int, rounds: int = 1, path: str = "/predict") -> dict:
+    """`clients` clients at once (e.g. THREADS), each posting `data` `rounds` times: the answers, and the worker's
+    resident memory before and at its peak (VmHWM, reset first), and whether it survived."""
+    with open(f"/proc/{worker}/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := the current resident size
+    before = status_kib(worker, "VmRSS:")
+    barrier = threading.Barrier(clients)
+    outcomes: list[Outcome] = []
+
+    def client() -> None:
+        with requests.Session() as session:
+            barrier.wait()
+            for _ in range(rounds):
+                start = time.monotonic()
+                try:
+                    answer = session.post(f"{url}{path}", data=data, timeout=CLIENT_TIMEOUT_S,
+                                          headers={"Content-Type": "image/tiff"})  # fmt: skip
+                    status: int | str = answer.status_code
+                except requests.RequestException as error:
+                    status = type(error).__name__
+                outcomes.append(Outcome(start, time.monotonic() - start, status))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {
+        "clients": clients,
+        "requests": len(outcomes),
+        "answers": dict(Counter(str(outcome.status) for outcome in outcomes)),
+        "seconds": round(time.monotonic() - started, 1),
+        "rss_mb": {"before": round(before / 1024), "peak": round(status_kib(worker, "VmHWM:") / 1024)},
+        "worker_survived": status_kib(worker, "VmRSS:") > 0,
+    }
+
+
+def worst_case_run(bundle: str, env: dict, log_path: str, clients: int, rounds: int = 3) -> dict:
+    """worst_case against one worker started with `env` (THREADS = `clients` unless set), the image at its
+    MAX_IMAGE_PIXELS; plus the ceiling docs/security.md states for it."""
+    env = {"THREADS": clients, **env}
+    settings = load_settings({k: str(v) for k, v in env.items()}, {"MODEL_PATH": bundle})
+    data = most_expensive_image(settings.max_image_pixels)
+    with open(log_path, "ab") as log, serving({"MODEL_PATH": bundle, **env}, log) as (server, url):
+        (worker,) = worker_pids(server.pid)
+        result = worst_case(url, worker, data, clients, rounds)
+    result["ceiling_mb"] = round(result["rss_mb"]["before"] + memory_ceiling(settings, int(env["THREADS"])) / 2**20)
+    return result
+
+
+def memory_ceiling(settings: Settings, threads: int) -> int:
+    """Bytes a worker may grow by with every thread busy (docs/security.md): DECODE_BUDGET_MB of decoded pixels,
+    plus per thread up to three copies of a MAX_UPLOAD_MB body and 16 MB of working buffers."""
+    return settings.decode_budget_bytes + threads * (3 * settings.max_upload_bytes + 16 * 2**20)
