@@ -117,6 +117,7 @@ class V2InferenceResponseSchema(Schema):
 
 
 _request_schema = V2InferenceRequestSchema()
+_response_schema = V2InferenceResponseSchema()
 
 
 # Decoded requests
@@ -425,7 +426,7 @@ def encode_response(
     if request.id is not None:
         document["id"] = request.id
     document["outputs"] = outputs
-    header = json.dumps(document, separators=(",", ":")).encode()
+    header = json.dumps(_response_schema.dump(document), separators=(",", ":")).encode()
     if not chunks:
         return header, {"Content-Type": "application/json"}
     return header + b"".join(chunks), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
