@@ -25,10 +25,8 @@ CLASS_WEIGHTS = ("none", "balanced")
 CHECKPOINT_SUFFIX = ".ckpt"
 
 # `make run`: a model whose answers and unknown flag mean something, in about 10 CPU minutes on data/demo (1,200
-# training images). Measured (docs/experiments/demo-unknown-flag.md): with 120 images and no outlier exposure the
-# demo flagged 13% of noise images and none of the 4 photos; 10 epochs over 1,200 images with outlier exposure 0.5
-# flagged 90-100% of the noise and 2 to 4 of the photos (five trainings); weight 1.0 with the shaded-leaves outliers
-# added flags all of both (five trainings measured).
+# training images). The unknown flag needs the full 10 epochs and outlier exposure at weight 1.0: less data or a
+# lower weight leaves noise and photos unflagged (the measurements: docs/experiments/demo-unknown-flag.md).
 DEMO_PRESET = {
     "arch": "resnet18",
     "weights": "auto",
