@@ -75,6 +75,7 @@ class Service:
             collate=classifier.collate,
         ).start(setup=warm_up)
         self.classifier = classifier
+        self.metrics.set_baselines(settings.max_queue, self.bundle.ood(), self.bundle.class_mix())
         self.metrics.set_model(self.bundle.version, self.bundle.arch, str(classifier.device))
         return self
 

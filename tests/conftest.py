@@ -14,8 +14,13 @@ from models.pet_classifier import PetClassifier
 from models.training.demo_data import CLASSES, make_demo_data
 from models.transforms import default_preprocess
 
-# Fixtures owned by the service, training and browser test suites.
-pytest_plugins = ["tests.fixtures.server", "tests.fixtures.training", "tests.fixtures.browser"]
+# Fixtures owned by the service, training, browser and alert-rule test suites.
+pytest_plugins = [
+    "tests.fixtures.server",
+    "tests.fixtures.training",
+    "tests.fixtures.browser",
+    "tests.fixtures.prometheus",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = REPO_ROOT / "tests" / "data"
