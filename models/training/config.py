@@ -22,6 +22,7 @@ from models.transforms import AUGMENTATIONS
 DATASETS = ("folder", "oxford-pets")
 CLASS_WEIGHTS = ("none", "balanced")
 CHECKPOINT_SUFFIX = ".ckpt"
+TENSORBOARD_SUFFIX = ".tb"
 
 # `make run`: a model whose answers and unknown flag mean something, in about 10 CPU minutes on data/demo (1,200
 # training images). Measured (README "Unknown inputs"): with 120 images and no outlier exposure the demo flagged 13% of
@@ -101,6 +102,7 @@ class TrainConfig:
     amp: str = "auto"
     sync_bn: bool = False
     seed: int = 0
+    log_dir: str | None = None
     # unknown inputs: outlier exposure while training, the detector fitted after it
     outlier_exposure: float = 0.0
     outliers: str = "synthetic"
@@ -141,6 +143,14 @@ class TrainConfig:
             return self.checkpoint
         output = Path(self.output)
         return str(output.with_name(output.stem + CHECKPOINT_SUFFIX))
+
+    @property
+    def tensorboard_dir(self) -> str:
+        """`log_dir`, else <output stem>.tb/ next to the bundle (beside its history files)."""
+        if self.log_dir:
+            return self.log_dir
+        output = Path(self.output)
+        return str(output.with_name(output.stem + TENSORBOARD_SUFFIX))
 
     def with_changes(self, **changes) -> TrainConfig:
         """A validated copy with some settings changed."""
