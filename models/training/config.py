@@ -139,18 +139,16 @@ class TrainConfig:
     @property
     def checkpoint_path(self) -> str:
         """`checkpoint`, else <output stem>.ckpt next to the bundle."""
-        if self.checkpoint:
-            return self.checkpoint
-        output = Path(self.output)
-        return str(output.with_name(output.stem + CHECKPOINT_SUFFIX))
+        return self.checkpoint or self._beside_output(CHECKPOINT_SUFFIX)
 
     @property
     def tensorboard_dir(self) -> str:
         """`log_dir`, else <output stem>.tb/ next to the bundle (beside its history files)."""
-        if self.log_dir:
-            return self.log_dir
+        return self.log_dir or self._beside_output(TENSORBOARD_SUFFIX)
+
+    def _beside_output(self, suffix: str) -> str:
         output = Path(self.output)
-        return str(output.with_name(output.stem + TENSORBOARD_SUFFIX))
+        return str(output.with_name(output.stem + suffix))
 
     def with_changes(self, **changes) -> TrainConfig:
         """A validated copy with some settings changed."""
