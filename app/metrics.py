@@ -97,7 +97,7 @@ class Metrics(BatchObserver):
         """Publish MAX_QUEUE, the detector's fitted unknown rate (when it has a `keep`) and the validation class mix."""
         self.queue_capacity.set(max_queue)
         if ood and "keep" in ood:
-            self.expected_unknown.labels(ood["score"]).set(round(1.0 - float(ood["keep"]), 9))  # 1 - 0.95 = 0.05 exactly
+            self.expected_unknown.labels(ood["score"]).set(round(1.0 - float(ood["keep"]), 9))
         for name, share in (class_mix or {}).items():
             self.class_baseline.labels(name).set(share)
 
