@@ -4,10 +4,10 @@ them, the metrics and error codes they read, their runbook, and the same rules i
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.errors import STATUS
 from tests.conftest import REPO_ROOT
 from tests.fixtures.prometheus import PROMETHEUS
-from tests.fixtures.server import free_port
+from tests.fixtures.server import free_port, poll_readyz, start_server, wait_ready
 from tests.test_container import compose
 
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -175,28 +175,101 @@ def _loaded_rules(url: str) -> list[dict]:
     return [rule for group in answer.json()["data"]["groups"] for rule in group["rules"]]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_prometheus_loads_every_rule_and_evaluates_it_healthy(promtool, tmp_path):
-    # The compose layout: config and rules side by side. The drift group evaluates once a minute.
-    for path in (CONFIG, RULES):
-        shutil.copy(path, tmp_path / path.name)
+def _evaluated_rules(url: str) -> list[dict] | None:
+    """Every loaded rule once each has been evaluated (health no longer "unknown"), else None."""
+    loaded = _loaded_rules(url)
+    return loaded if loaded and all(rule["health"] != "unknown" for rule in loaded) else None
+
+
+@contextmanager
+def prometheus(folder: Path, config: str, rules_text: str):
+    """A real Prometheus on a free loopback port with `config` and, beside it, `rules_text` (the compose layout)."""
+    (folder / CONFIG.name).write_text(config)
+    (folder / RULES.name).write_text(rules_text)
     url = f"http://127.0.0.1:{free_port()}"
-    command = [PROMETHEUS, f"--config.file={tmp_path / CONFIG.name}", f"--storage.tsdb.path={tmp_path / 'data'}",
+    command = [PROMETHEUS, f"--config.file={folder / CONFIG.name}", f"--storage.tsdb.path={folder / 'data'}",
                f"--web.listen-address={url.removeprefix('http://')}"]  # fmt: skip
-    log = (tmp_path / "prometheus.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with (folder / "prometheus.log").open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline, loaded = time.monotonic() + 150, []
-        while time.monotonic() < deadline:
-            assert server.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-            loaded = _loaded_rules(url)
-            if loaded and all(rule["health"] != "unknown" for rule in loaded):
-                break
-            time.sleep(2)
+        yield url, server
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def wait_for(check, server: subprocess.Popen, timeout: float):
+    """Poll `check()` every second until it returns something true (returned), or fail after `timeout`."""
+    deadline, result = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "prometheus exited"
+        if result := check():
+            return result
+        time.sleep(1)
+    pytest.fail(f"still not true after {timeout}s; last result {result!r}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_prometheus_loads_every_rule_and_evaluates_it_healthy(promtool, tmp_path):
+    # The files as they are; the drift group evaluates once a minute.
+    with prometheus(tmp_path, CONFIG.read_text(), RULES.read_text()) as (url, server):
+        loaded = wait_for(lambda: _evaluated_rules(url), server, 150)
     assert sorted(rule["name"] for rule in loaded) == sorted(r.get("alert") or r["record"] for r in rules())
     unhealthy = [(rule["name"], rule["health"], rule.get("lastError")) for rule in loaded if rule["health"] != "ok"]
     assert not unhealthy, unhealthy
+
+
+def query(url: str, expr: str) -> dict[str, float]:
+    """An instant query's result: each series' labels (as text) -> value; empty while Prometheus is starting."""
+    try:
+        answer = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=5).json()
+    except requests.ConnectionError:
+        return {}
+    return {str(item["metric"]): float(item["value"][1]) for item in answer["data"]["result"]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_rules_read_a_real_servers_metrics(promtool, tmp_path, trained_bundle_path, training_data):
+    # The canonical gunicorn server with 2 workers on the trained bundle, scraped every second by a Prometheus with
+    # the same rules (all groups evaluated every second); real predictions, then what the rules record from them.
+    server = start_server(trained_bundle_path, tmp_path, workers=2, MAX_QUEUE=64)
+    try:
+        poll_readyz(server)
+        wait_ready(server.url, server.process, workers=2, timeout=120)
+        config = yaml.safe_load(CONFIG.read_text())
+        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+        (job,) = config["scrape_configs"]
+        job.pop("dns_sd_configs")
+        job["static_configs"] = [{"targets": [server.url.removeprefix("http://")]}]
+        fast_rules = RULES.read_text().replace("interval: 1m", "interval: 1s")
+        with prometheus(tmp_path, yaml.safe_dump(config), fast_rules) as (url, prom):
+            wait_for(lambda: query(url, f'up{{job="{JOB}"}}') and query(url, "petclf_model_info"), prom, 60)
+            images = sorted((training_data / "val").rglob("*.jpg"))[::3]
+            # Two bursts a few scrapes apart: a labelled series is born at its first request, so a rate needs the
+            # count to grow between two scrapes after that.
+            for burst in (images[::2], images[1::2]):
+                for path in burst:
+                    files = {"image": (path.name, path.read_bytes())}
+                    answer = requests.post(f"{server.url}/predict", files=files, timeout=60)
+                    assert answer.status_code == 200, answer.text
+                time.sleep(3)
+            requests.post(f"{server.url}/predict", data=b"junk", headers={"Content-Type": "image/jpeg"}, timeout=60)
+            wait_for(lambda: [v for v in query(url, "petclf:predictions:increase1h").values() if v > 0], prom, 60)
+            assert list(query(url, "petclf:ready_workers:sum").values()) == [2]
+            assert list(query(url, "instance:petclf_queue_fill:ratio").values()) == [0]
+            assert list(query(url, "petclf_queue_capacity").values()) == [128]  # MAX_QUEUE per live worker
+            assert list(query(url, "petclf:ood_expected_unknown:ratio").values()) == [pytest.approx(0.05)]
+            assert sorted(query(url, "class:petclf_class_baseline:ratio").values()) == [pytest.approx(1 / 3)] * 3
+            assert sum(query(url, "class:petclf_predictions:ratio_rate1h").values()) == pytest.approx(1)
+            (tvd,) = query(url, "petclf:predicted_class:tvd1h").values()
+            assert 0 <= tvd <= 1
+            (p99,) = wait_for(lambda: query(url, 'route:petclf_request_duration_seconds:p99_5m{route="/predict"}'),
+                              prom, 30).values()  # fmt: skip
+            assert 0 < p99 <= 30
+            assert not query(url, "petclf:request_errors:ratio_rate5m > 0")  # the junk image is a 400, no 5xx
+            firing = requests.get(f"{url}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+            assert not firing, firing
+    finally:
+        server.stop()
