@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from models.bundle import DEFAULT_BUNDLE_PATH
 from models.ensemble import Ensemble, load_ensemble
+from models.paths import DEFAULT_BUNDLE_PATH
 from models.predictor import MemberOutput, Output, Predictor, average
 from models.runtime import DeviceError, Runtime, resolve_amp, resolve_device
 from models.training.calibration import ECE_BINS, expected_calibration_error, reliability
