@@ -11,6 +11,7 @@ from app import get_service
 from models.bundle import save_bundle
 from models.transforms import default_preprocess
 from tests.conftest import TINY_IMAGE_SIZE
+from tests.helpers import sample
 
 EXPECTED_FAMILIES = {
     "petclf_requests",
@@ -27,10 +28,6 @@ EXPECTED_FAMILIES = {
     "petclf_ood_expected_unknown_ratio",
     "petclf_class_baseline_ratio",
 }
-
-
-def sample(app, name: str, **labels) -> float:
-    return get_service(app).metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def test_exposition_has_every_family(client):
