@@ -16,10 +16,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.errors import STATUS
-from tests.conftest import REPO_ROOT
 from tests.fixtures.prometheus import PROMETHEUS
-from tests.fixtures.server import free_port, poll_readyz, start_server, wait_ready
-from tests.test_container import compose
+from tests.helpers import REPO_ROOT, poll_readyz, start_server
+from tools.harness import free_port
 
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
 CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -27,6 +26,7 @@ UNIT_TESTS = REPO_ROOT / "tests" / "prometheus" / "rules_test.yml"
 RUNBOOK = REPO_ROOT / "docs" / "alerts.md"
 MONITORING = REPO_ROOT / "deploy" / "kubernetes" / "monitoring"
 DEPLOYMENT = REPO_ROOT / "deploy" / "kubernetes" / "deployment.yaml"
+COMPOSE = REPO_ROOT / "docker-compose.yml"
 JOB = "pet-classifier"
 
 
@@ -134,7 +134,7 @@ def test_every_alert_has_a_summary_description_and_a_runbook_section():
 
 
 def test_compose_prometheus_loads_the_rules_file():
-    prometheus = compose()["services"]["prometheus"]
+    prometheus = yaml.safe_load(COMPOSE.read_text())["services"]["prometheus"]
     mounts = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in prometheus["volumes"] if volume.endswith(":ro"))
     assert mounts["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
     config = yaml.safe_load(CONFIG.read_text())
@@ -236,8 +236,7 @@ def test_the_rules_read_a_real_servers_metrics(promtool, tmp_path, trained_bundl
     # the same rules (all groups evaluated every second); real predictions, then what the rules record from them.
     server = start_server(trained_bundle_path, tmp_path, workers=2, MAX_QUEUE=64)
     try:
-        poll_readyz(server)
-        wait_ready(server.url, server.process, workers=2, timeout=120)
+        poll_readyz(server, workers=2)  # both workers, not just the first
         config = yaml.safe_load(CONFIG.read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         (job,) = config["scrape_configs"]

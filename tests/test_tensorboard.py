@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from models.bundle import load_bundle
@@ -22,25 +20,14 @@ from models.training.tensorboard_log import (
     SCALARS,
     TrainingBoard,
 )
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT, tensorboard_events
 
 TRAIN_SCRIPT = str(REPO_ROOT / "scripts" / "train.py")
-EVERYTHING = {"scalars": 0, "images": 0, "tensors": 0}  # 0 = keep every event, not a sample of them
-
-
-def accumulator(log_dir: Path) -> EventAccumulator:
-    assert log_dir.is_dir(), f"no TensorBoard directory {log_dir}"
-    return EventAccumulator(str(log_dir), size_guidance=EVERYTHING).Reload()
-
-
-def tensorboard_scalars(log_dir: Path, tag: str) -> list[float]:
-    """The values of `tag` in `log_dir`'s events, in step order."""
-    return [event.value for event in sorted(accumulator(log_dir).Scalars(tag), key=lambda e: e.step)]
 
 
 @pytest.fixture(scope="module")
-def events(trained_run) -> EventAccumulator:
-    return accumulator(sibling(trained_run["output"], ".tb"))
+def events(trained_run) -> object:
+    return tensorboard_events(sibling(trained_run["output"], ".tb"))
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,8 @@ from models.training.evaluation import evaluate_bundle
 from models.training.reporting import sibling
 from models.transforms import eval_transform
 from tests.fixtures.training import FIXTURE, run_train, train_config
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, tensorboard_scalars
 from tests.numerics import beats_chance, most_flagged
-from tests.test_tensorboard import tensorboard_scalars
 
 TRAIN_SCRIPT = str(REPO_ROOT / "scripts" / "train.py")
 
