@@ -462,3 +462,13 @@ def _same_number(text: str, value) -> bool:
         return float(text) == float(value)
     except (TypeError, ValueError):
         return False
+
+
+def test_every_exported_metric_is_in_the_api_page(client, cat_jpeg):
+    client.post("/predict", data={"image": (io.BytesIO(cat_jpeg), "cat.jpg")})  # so labelled families have samples
+    exported = set(re.findall(r"^# TYPE petclf_(\w+) ", client.get("/metrics").get_data(as_text=True), re.MULTILINE))
+    assert {"requests_total", "queue_depth", "model_info"} <= exported
+    api = (REPO_ROOT / "docs" / "api.md").read_text().split("## Metrics", 1)[1]
+    exported = {name for name in exported if not name.endswith("_created")}  # prometheus_client's own series
+    missing = {name for name in exported if not re.search(rf"`(petclf_)?{name}[`{{]", api)}
+    assert not missing, f"docs/api.md, Metrics: {sorted(missing)}"
