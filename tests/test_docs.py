@@ -472,3 +472,12 @@ def test_every_exported_metric_is_in_the_api_page(client, cat_jpeg):
     exported = {name for name in exported if not name.endswith("_created")}  # prometheus_client's own series
     missing = {name for name in exported if not re.search(rf"`(petclf_)?{name}[`{{]", api)}
     assert not missing, f"docs/api.md, Metrics: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO_ROOT)))
+def test_repository_paths_in_the_prose_exist(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+    for path in re.findall(r"`((?:deploy|scripts|tools|app|tests|docs|models)/[\w./-]*)`", text):
+        if re.search(r"\.(pt|onnx|ckpt|json|csv|png)$|/$", path) and not path.startswith(("docs/", "tests/data")):
+            continue  # what a run writes (bundles, graphs, reports), or a folder named loosely
+        assert (REPO_ROOT / path).exists() or (page.parent / path).exists(), f"{page.name}: {path}"
