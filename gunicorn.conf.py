@@ -45,18 +45,31 @@ def _settings():
                 f"MODEL_PATH={missing[0]!r} is not a file; "
                 "train a bundle first (make model, or python scripts/train.py --output PATH)"
             )
-        if app.precision == "int8":
-            from models.quantize import int8_problem
-
-            problem = next(filter(None, map(int8_problem, app.model_paths)), None)
-            if problem:
-                raise ConfigError(f"PRECISION=int8: {problem}")
+        _runtime_check(app, ConfigError)
     except ConfigError as error:
         if not lifecycle.is_reload() or server is None:  # the environment, hence the server settings, cannot change
             sys.exit(f"configuration error: {error}")
         # The new workers will fail on the same problem, record it, and the running ones keep serving.
         print(f"reload: configuration error: {error}; the running workers keep serving", file=sys.stderr)
     return server, app
+
+
+def _runtime_check(app, error_type):
+    """Each member's ONNX graph where ONNX Runtime will serve it, else PyTorch's int8 file under int8."""
+    from models.graphs import graph_path, graph_problem
+
+    on_cpu = not app.device.startswith("cuda")
+    for path in app.model_paths:
+        problem = graph_problem(path, app.precision, app.backend) if on_cpu else None
+        if problem:
+            raise error_type(f"BACKEND={app.backend} PRECISION={app.precision}: {problem}")
+        torch_serves = app.backend == "torch" or not graph_path(path, app.precision).exists() or not on_cpu
+        if app.precision == "int8" and torch_serves:
+            from models.quantize import int8_problem
+
+            problem = int8_problem(path)
+            if problem:
+                raise error_type(f"PRECISION=int8: {problem} (or serve ONNX Runtime's int8: python scripts/export.py)")
 
 
 _server, _app = _settings()

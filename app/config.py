@@ -16,6 +16,8 @@ from models.runtime import precision_problem
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+AMP_ONLY = ("fp16", "bf16")  # precisions only PyTorch serves
+BACKENDS = ("auto", "torch", "onnxruntime")  # models.loader.BACKENDS
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # A model name must be one URL path segment that Kubernetes, KServe and Triton clients accept unquoted.
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -36,6 +38,7 @@ class Settings:
     model_path: str = DEFAULT_BUNDLE_PATH
     device: str = "auto"
     precision: str = "fp32"
+    backend: str = "auto"  # auto: ONNX Runtime on the CPU where the bundle's graph for PRECISION exists, else PyTorch
     max_batch_size: int = 16
     max_batch_wait_ms: float = 5.0
     max_queue: int = 256
@@ -156,6 +159,7 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
     "model_path": _paths,
     "device": _device,
     "precision": _choice(PRECISIONS),
+    "backend": _choice(BACKENDS),
     "max_batch_size": _number(int, 1, 1024),
     "max_batch_wait_ms": _number(float, 0, 10_000),
     "max_queue": _number(int, 1, 1_000_000),
@@ -241,6 +245,12 @@ def _check_combination(settings: Settings) -> None:
         problem = precision_problem(settings.precision, torch.device(settings.device.partition(":")[0]))
         if problem:
             raise ConfigError(f"PRECISION={settings.precision} with DEVICE={settings.device}: {problem}")
+    torch_only = settings.device.startswith("cuda") or settings.precision in AMP_ONLY
+    if settings.backend == "onnxruntime" and torch_only:
+        raise ConfigError(
+            f"BACKEND=onnxruntime with DEVICE={settings.device} and PRECISION={settings.precision}: ONNX Runtime "
+            "serves fp32 and int8 on the CPU; use BACKEND=auto (PyTorch serves the rest) or BACKEND=torch"
+        )
     if settings.gpu_decode and settings.device == "cpu":
         raise ConfigError("GPU_DECODE=true with DEVICE=cpu: decoding on the GPU needs DEVICE=cuda (or auto on a GPU)")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -11,9 +10,10 @@ from app.config import ConfigError, Settings
 from models.ensemble import Ensemble
 from models.explain import grad_cam, overlay, png_bytes
 from models.images import decode_image
-from models.predictor import Member, Output, Predictor
-from models.quantize import RECOMMENDED_AGREEMENT, int8_path, load_int8
-from models.runtime import DeviceError, Runtime, fold_batchnorm, precision_problem, resolve_device, top_k
+from models.loader import load_predictor
+from models.onnx_runtime import OnnxNetwork
+from models.predictor import Output, Predictor
+from models.runtime import DeviceError, precision_problem, resolve_device, top_k
 from models.transforms import eval_transform, mirrored
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ def serving_device(settings: Settings) -> torch.device:
 class Classifier:
     """The served model (one bundle or an ensemble) on one device, with its transform and labels prepared once.
 
-    `explainer` is the float32 predictor /explain differentiates: the served one, except under int8, whose
-    networks have no gradients (it then holds the members' float32 networks too).
+    `explainer` is the PyTorch float32 predictor /explain differentiates: the served one where that is PyTorch
+    fp32, else the members' float32 networks (int8 networks and ONNX Runtime sessions have no gradients).
     """
 
     def __init__(self, predictor: Predictor, ensemble: Ensemble, max_pixels: int, explainer: Predictor | None = None):
@@ -54,6 +54,10 @@ class Classifier:
         self.transform = eval_transform(ensemble.preprocess)
         self.normalize = self.transform.normalize.to(self.device)  # a copy on the device the batch is stacked on
         self.decoder = None  # set by build_classifier when GPU_DECODE is on
+        self.members: tuple[dict, ...] = tuple({} for _ in ensemble.bundles)  # set by build_classifier
+        # ONNX Runtime takes contiguous NCHW; PyTorch's folded networks run channels-last.
+        self.channels_last = self.runtime.channels_last
+        self.onnx_only = all(isinstance(m.model, OnnxNetwork) for m in predictor.members)
 
     def preprocess(self, data: bytes, tta: str = "none") -> list[torch.Tensor]:
         """Untrusted bytes -> uint8 (3, crop, crop) pixels, one per view (the mirror too for tta 'flip').
@@ -70,6 +74,8 @@ class Classifier:
         """The batcher's items -> one normalised float batch on the device: uint8 pixels are normalised once per
         batch (in the batcher thread), float items (already normalised, e.g. /v2 pixels) are taken as they are."""
         items = [item.to(self.device) for item in items]  # no-ops on the CPU
+        if all(item.dtype == torch.uint8 for item in items) and not self.channels_last:
+            return self.normalize(torch.stack(items))
         if all(item.dtype == torch.uint8 for item in items):
             # Stacked as (B, H, W, 3): the batch is channels-last from the start, as the network runs it.
             return self.normalize(torch.stack([item.permute(1, 2, 0) for item in items]).permute(0, 3, 1, 2))
@@ -111,59 +117,22 @@ class Classifier:
         self.predictor.warmup(batch_sizes, self.crop)
 
     def member_info(self) -> list[dict]:
-        """Per member, what serves it: the int8 file and its recorded agreement with fp32 (under int8), else {}."""
-        return [
-            {"int8": _int8_summary(member.model)} if hasattr(member.model, "info") else {}
-            for member in self.predictor.members
-        ]
-
-
-def _int8_summary(network) -> dict:
-    info = network.info
-    return {
-        "file": info.get("file"),
-        "agreement": (info.get("agreement") or {}).get("int8"),
-        "calibration": info.get("calibration"),
-    }
-
-
-def _int8_member(member: Member, bundle) -> Member:
-    """The member with its stored int8 network (built from its unfolded float one: FX fuses conv, BN and ReLU)."""
-    network = load_int8(bundle, member.model)
-    network.info["file"] = str(int8_path(bundle.path))
-    recorded = (network.info.get("agreement") or {}).get("int8") or {}
-    agreement = recorded.get("agreement")
-    if agreement is None or agreement < RECOMMENDED_AGREEMENT:
-        found = "no agreement recorded" if agreement is None else f"top-1 agreement with fp32 {agreement:.2%}"
-        log.warning(
-            "PRECISION=int8: %s has %s on held-out images (recommended: >= %.0f%%); its answers may differ from "
-            "fp32 more than that; measure with scripts/quantize.py",
-            network.info["file"], found, RECOMMENDED_AGREEMENT * 100,
-        )  # fmt: skip
-    return dataclasses.replace(member, model=network)
+        """Per member, what serves it: backend, precision, graph (or int8 file), recorded agreement, and why."""
+        return [dict(member) for member in self.members]
 
 
 def build_classifier(settings: Settings, ensemble: Ensemble, device: torch.device) -> Classifier:
-    """Build every member's model on `device` (the slow part of start-up); the caller sizes the CPU threads.
-
-    Float networks get their BatchNorms folded into the convolutions and run channels-last, on the CPU too
-    (measured on ResNet-50: 15-28% less CPU per image, outputs equal to rounding).
-    """
-    amp = "none" if settings.precision in ("fp32", "int8") else settings.precision
-    runtime = Runtime(device, amp=amp, channels_last=True)
-    floats, served = [], []
+    """Build every member's model on `device` through the one loader (the slow part of start-up); ONNX Runtime
+    sessions open in the batcher thread at warm-up with TORCH_THREADS intra-op threads."""
+    loaded = load_predictor(ensemble, device, settings.precision, settings.backend, threads=settings.torch_threads)
     for bundle in ensemble.bundles:
-        member = Member.from_bundle(bundle, runtime)
-        served.append(_int8_member(member, bundle) if settings.precision == "int8" else member)
-        fold_batchnorm(member.model)
-        runtime.place(member.model)  # the folded convolutions channels-last too
-        floats.append(member)
-        # The model holds its own copy of the weights now; drop the bundle's to halve resident memory.
+        # The models hold their own copy of the weights now; drop the bundles' to halve resident memory.
         bundle.state_dict = {}
-    predictor = Predictor(served, runtime)
-    explainer = Predictor(floats, runtime) if settings.precision == "int8" else None
-    log.info("model %s (%s) on %s, precision %s", ensemble.version, ensemble.arch, device, settings.precision)
-    classifier = Classifier(predictor, ensemble, settings.max_image_pixels, explainer)
+    served = ", ".join(sorted({f"{m['backend']} {m['precision']}" for m in loaded.members}))
+    log.info("model %s (%s) on %s, precision %s, served by %s", ensemble.version, ensemble.arch, device,
+             settings.precision, served)  # fmt: skip
+    classifier = Classifier(loaded.predictor, ensemble, settings.max_image_pixels, loaded.floats)
+    classifier.members = loaded.members
     if settings.gpu_decode:
         from app.gpu_decode import GpuDecoder
 

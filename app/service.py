@@ -61,7 +61,9 @@ class Service:
         classifier = build_classifier(settings, self.bundle, self.device)
 
         def warm_up() -> None:
-            torch.set_num_threads(settings.torch_threads)
+            # Under ONNX Runtime alone its own pool (TORCH_THREADS intra-op threads) computes; torch only normalises
+            # and takes the softmax, on this one thread, so the two pools never spin against each other.
+            torch.set_num_threads(1 if classifier.onnx_only else settings.torch_threads)
             started = time.perf_counter()
             classifier.warmup(tuple(sorted({1, settings.max_batch_size})))
             log.info("warm-up done in %.2fs", time.perf_counter() - started)
@@ -268,6 +270,7 @@ class Service:
             "members": [{**one, **extra} for one, extra in zip(bundle.members(), self._member_info(), strict=True)],
             "device": str(self.device),
             "precision": settings.precision,
+            "backend": settings.backend,
             "ready": not self.reasons(),
             "explain_concurrency": settings.explain_concurrency,
             "batching": {
