@@ -128,9 +128,10 @@ def build_classifier(settings: Settings, ensemble: Ensemble, device: torch.devic
     for bundle in ensemble.bundles:
         # The models hold their own copy of the weights now; drop the bundles' to halve resident memory.
         bundle.state_dict = {}
-    served = ", ".join(sorted({f"{m['backend']} {m['precision']}" for m in loaded.members}))
-    log.info("model %s (%s) on %s, precision %s, served by %s", ensemble.version, ensemble.arch, device,
-             settings.precision, served)  # fmt: skip
+    runtimes = [f"{b.path} by {m['backend']} {m['precision']} ({m['reason']})" for b, m in
+                zip(ensemble.bundles, loaded.members, strict=True)]  # fmt: skip
+    log.info("model %s (%s) on %s, BACKEND=%s: %s", ensemble.version, ensemble.arch, device, settings.backend,
+             "; ".join(runtimes))  # fmt: skip
     classifier = Classifier(loaded.predictor, ensemble, settings.max_image_pixels, loaded.floats)
     classifier.members = loaded.members
     if settings.gpu_decode:

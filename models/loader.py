@@ -119,8 +119,6 @@ def _member(bundle, runtime: Runtime, precision: str, backend: str, threads: int
         _warn_agreement(summary.get("graph") or summary.get("file"), summary.get("agreement"))
     fold_batchnorm(floats.model)  # after int8: FX fuses from the unfolded network
     runtime.place(floats.model)  # the folded convolutions channels-last too
-    log.info("%s: %s %s, because %s", bundle.path, "ONNX Runtime" if chosen == "onnxruntime" else "PyTorch",
-             precision, why)  # fmt: skip
     return served, floats, {**summary, "reason": why}
 
 
