@@ -38,8 +38,8 @@ lint: $(VENV)/.installed
 container-test:  # the real image and compose file, run for real (minutes, ~6 GB); not part of `make test`
 	OFFLINE_DOCKER=$(abspath $(OFFLINE_DOCKER)) bash scripts/container_test.sh
 
-soak: model  # 256 clients for 2 minutes, then the reload scenarios (scripts/soak.py --help)
-	$(PY) scripts/soak.py --model $(MODEL_PATH)
+soak: model  # 256 clients for 2 minutes, then the reload scenarios (python -m scripts.soak --help)
+	$(PY) -m scripts.soak --model $(MODEL_PATH)
 
 # pip-audit lives in its own venv: its dependencies stay out of the pinned project environment.
 AUDIT_VENV := .venv-audit

@@ -8,6 +8,7 @@ every reload (HUP), in the running master: nothing here may stop that master.
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -20,24 +21,32 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
-# prometheus_client picks its (multiprocess) value class at import time, and importing the app package
-# imports it: choose the directory before the first `from app...` below. The name carries the master's pid,
-# so a reload (same pid) recognises the directory it chose and on_exit deletes only that one.
+# prometheus_client picks its (multiprocess) value class at import time: choose the directory before anything
+# imports it (the workers, through the app). The name carries the master's pid, so a reload (same pid) recognises
+# the directory it chose and on_exit deletes only that one.
 _own_metrics_dir = os.path.join(tempfile.gettempdir(), f"petclf-prometheus-{os.getpid()}")
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_dir
 
-from app import lifecycle  # noqa: E402  (after the metrics directory; imports no torch)
+# The master imports no torch, Flask or app code (tests/test_server.py checks a running one): app.lifecycle and
+# app.config import none, and the checks that need torch run in a child process (app/preflight.py).
+from app import lifecycle  # noqa: E402
+from app.config import ConfigError, load_server_settings, load_settings, needs_machine_check  # noqa: E402
+
+
+def _child_check(command: list[str]) -> None:
+    """Run a start-up check in a child process; ConfigError with its last line when it fails."""
+    checked = subprocess.run(command, capture_output=True, text=True)
+    if checked.returncode:
+        raise ConfigError((checked.stderr.strip().splitlines() or [f"{command[2]} failed"])[-1])
 
 
 def _settings():
     """Validate the settings in the master, so a bad value stops it before any fork; at reload, only report."""
-    from app.config import ConfigError, load_server_settings, load_settings
-
     server = app = None
     try:
         server = load_server_settings()
-        app = load_settings()
+        app = load_settings(machine=False)
         missing = [path for path in app.model_paths if not os.path.isfile(path)]
         if missing:
             # Workers would each fail with a traceback; one line from the master says it better.
@@ -45,31 +54,18 @@ def _settings():
                 f"MODEL_PATH={missing[0]!r} is not a file; "
                 "train a bundle first (make model, or python scripts/train.py --output PATH)"
             )
-        _runtime_check(app, ConfigError)
+        if needs_machine_check(app):
+            _child_check([sys.executable, "-m", "app.preflight"])
+        if app.backend != "torch" and not app.device.startswith("cuda"):
+            # Each bundle's ONNX Runtime graph for PRECISION where one is there (or BACKEND=onnxruntime needs it),
+            # opened by ONNX Runtime in a child: the master loads no onnxruntime either.
+            _child_check([sys.executable, "-m", "models.graphs", app.precision, app.backend, *app.model_paths])
     except ConfigError as error:
         if not lifecycle.is_reload() or server is None:  # the environment, hence the server settings, cannot change
             sys.exit(f"configuration error: {error}")
         # The new workers will fail on the same problem, record it, and the running ones keep serving.
         print(f"reload: configuration error: {error}; the running workers keep serving", file=sys.stderr)
     return server, app
-
-
-def _runtime_check(app, error_type):
-    """Each member's ONNX graph where ONNX Runtime will serve it, else PyTorch's int8 file under int8."""
-    from models.graphs import graph_path, graph_problem
-
-    on_cpu = not app.device.startswith("cuda")
-    for path in app.model_paths:
-        problem = graph_problem(path, app.precision, app.backend) if on_cpu else None
-        if problem:
-            raise error_type(f"BACKEND={app.backend} PRECISION={app.precision}: {problem}")
-        torch_serves = app.backend == "torch" or not graph_path(path, app.precision).exists() or not on_cpu
-        if app.precision == "int8" and torch_serves:
-            from models.quantize import int8_problem
-
-            problem = int8_problem(path)
-            if problem:
-                raise error_type(f"PRECISION=int8: {problem} (or serve ONNX Runtime's int8: python scripts/export.py)")
 
 
 _server, _app = _settings()
@@ -109,7 +105,7 @@ def on_reload(server):
 
 def worker_exit(server, worker):
     """Worker, after its last request: finish queued batches and stop the batcher thread."""
-    from app import get_service
+    from app.service import get_service  # in the worker, which has imported it already
 
     wsgi = getattr(worker, "wsgi", None)
     if wsgi is not None:

@@ -1,18 +1,29 @@
-"""Service settings: defaults, then environment variables, then overrides; read once and validated."""
+"""Service settings: defaults, then environment variables, then overrides; read once and validated.
+
+Imports no torch (gunicorn's master reads these settings); only the machine check, which workers run, loads it.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-import torch
-
-from models.bundle import DEFAULT_BUNDLE_PATH
-from models.ensemble import PATH_SEPARATOR, parse_paths
 from models.images import DEFAULT_MAX_PIXELS
-from models.runtime import precision_problem
+from models.paths import DEFAULT_BUNDLE_PATH, PATH_SEPARATOR, parse_paths
+from models.settings import (
+    SettingError,
+    between,
+    declared,
+    flag,
+    from_environment,
+    one_of,
+    parsers,
+    setting,
+    text,
+    variables,
+)
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -21,73 +32,12 @@ BACKENDS = ("auto", "torch", "onnxruntime")  # models.loader.BACKENDS
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # A model name must be one URL path segment that Kubernetes, KServe and Triton clients accept unquoted.
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 MIN_KEY_LENGTH = 16
 API_KEY_PATTERN = re.compile(r"^[!-+\--~]+$")  # printable ASCII without space and comma
 PATH_PREFIXES = ("/", "./", "../", "~")  # API_KEYS names a file
 
 
-class ConfigError(ValueError):
-    """A setting has a bad value; the message names the variable and what is valid."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Typed settings; field names are the environment variable names in lower case."""
-
-    model_path: str = DEFAULT_BUNDLE_PATH
-    device: str = "auto"
-    precision: str = "fp32"
-    backend: str = "auto"  # auto: ONNX Runtime on the CPU where the bundle's graph for PRECISION exists, else PyTorch
-    max_batch_size: int = 16
-    max_batch_wait_ms: float = 5.0
-    max_queue: int = 256
-    request_timeout_s: float = 10.0
-    max_upload_mb: float = 10.0
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    max_batch_files: int = 32
-    torch_threads: int = 0  # 0 = default_torch_threads()
-    log_level: str = "info"
-    model_name: str = "pet-classifier"  # the name the Open Inference Protocol (/v2) serves the model under
-    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty = no authentication; never printed
-    metrics_public: bool = True
-    explain_concurrency: int = 1
-    ui_enabled: bool = True  # GET / serves the try-it page (app/ui)
-    gpu_decode: bool = False  # decode JPEGs on the GPU (nvJPEG) and resize there; CUDA only
-
-    @property
-    def max_upload_bytes(self) -> int:
-        """MAX_UPLOAD_MB in bytes (Flask's MAX_CONTENT_LENGTH)."""
-        return int(self.max_upload_mb * 1024 * 1024)
-
-    @property
-    def model_paths(self) -> tuple[str, ...]:
-        """MODEL_PATH as a list: one bundle, or several separated by commas (an ensemble)."""
-        return parse_paths(self.model_path)
-
-
-def _number(kind: type, low: float, high: float) -> Callable[[str, object], object]:
-    def parse(name: str, raw: object):
-        try:
-            value = kind(raw)
-        except (TypeError, ValueError):
-            value = None
-        if value is None or isinstance(raw, bool) or not low <= value <= high:
-            label = "an integer" if kind is int else "a number"
-            raise ConfigError(f"{name}={raw!r} is invalid: must be {label} in [{low}, {high}]")
-        return value
-
-    return parse
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str, object], str]:
-    def parse(name: str, raw: object) -> str:
-        value = str(raw).strip().lower()
-        if value not in choices:
-            raise ConfigError(f"{name}={raw!r} is invalid: valid choices are {', '.join(choices)}")
-        return value
-
-    return parse
+ConfigError = SettingError  # a setting has a bad value; the message names the variable and what is valid
 
 
 def _device(name: str, raw: object) -> str:
@@ -116,16 +66,9 @@ def _paths(name: str, raw: object) -> str:
         raise ConfigError(f"{name}={raw!r} is invalid: {error}") from error
 
 
-def _flag(name: str, raw: object) -> bool:
-    value = str(raw).strip().lower()
-    if value not in FLAGS:
-        raise ConfigError(f"{name}={raw!r} is invalid: valid choices are {', '.join(FLAGS)}")
-    return FLAGS[value]
-
-
-def _key_list(text: str) -> list[str]:
+def _key_list(content: str) -> list[str]:
     """Keys separated by commas or newlines; blank entries and `#` comment lines are skipped."""
-    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    lines = [line for line in content.splitlines() if not line.lstrip().startswith("#")]
     return [key.strip() for line in lines for key in line.split(",") if key.strip()]
 
 
@@ -155,44 +98,58 @@ def _api_keys(name: str, raw: object) -> tuple[str, ...]:
     return tuple(keys)
 
 
-PARSERS: dict[str, Callable[[str, object], object]] = {
-    "model_path": _paths,
-    "device": _device,
-    "precision": _choice(PRECISIONS),
-    "backend": _choice(BACKENDS),
-    "max_batch_size": _number(int, 1, 1024),
-    "max_batch_wait_ms": _number(float, 0, 10_000),
-    "max_queue": _number(int, 1, 1_000_000),
-    "request_timeout_s": _number(float, 0.01, 3600),
-    "max_upload_mb": _number(float, 0.001, 4096),
-    "max_image_pixels": _number(int, 1, 2**31),
-    "max_batch_files": _number(int, 1, 1024),
-    "torch_threads": _number(int, 1, 1024),
-    "log_level": _choice(LOG_LEVELS),
-    "model_name": _model_name,
-    "api_keys": _api_keys,
-    "metrics_public": _flag,
-    "explain_concurrency": _number(int, 1, 64),
-    "ui_enabled": _flag,
-    "gpu_decode": _flag,
-}
+@declared
+@dataclass(frozen=True)
+class Settings:
+    """The service's settings: type, default, what is valid, and the environment variable, one line each."""
+
+    model_path: str = setting(DEFAULT_BUNDLE_PATH, _paths, env="MODEL_PATH")  # several, comma-separated: an ensemble
+    device: str = setting("auto", _device, env="DEVICE")
+    precision: str = setting("fp32", one_of(*PRECISIONS), env="PRECISION")
+    # auto: ONNX Runtime on the CPU where the bundle's graph for PRECISION exists (scripts/export.py), else PyTorch
+    backend: str = setting("auto", one_of(*BACKENDS), env="BACKEND")
+    max_batch_size: int = setting(16, between(int, 1, 1024), env="MAX_BATCH_SIZE")
+    max_batch_wait_ms: float = setting(5.0, between(float, 0, 10_000), env="MAX_BATCH_WAIT_MS")
+    max_queue: int = setting(256, between(int, 1, 1_000_000), env="MAX_QUEUE")
+    request_timeout_s: float = setting(10.0, between(float, 0.01, 3600), env="REQUEST_TIMEOUT_S")
+    max_upload_mb: float = setting(10.0, between(float, 0.001, 4096), env="MAX_UPLOAD_MB")
+    max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, between(int, 1, 2**31), env="MAX_IMAGE_PIXELS")
+    max_batch_files: int = setting(32, between(int, 1, 1024), env="MAX_BATCH_FILES")
+    torch_threads: int = setting(0, between(int, 1, 1024), env="TORCH_THREADS")  # 0 = default_torch_threads()
+    log_level: str = setting("info", one_of(*LOG_LEVELS), env="LOG_LEVEL")
+    model_name: str = setting("pet-classifier", _model_name, env="MODEL_NAME")  # the /v2 (Open Inference) name
+    api_keys: tuple[str, ...] = setting((), _api_keys, env="API_KEYS", repr=False)  # empty = no auth; never printed
+    metrics_public: bool = setting(True, flag, env="METRICS_PUBLIC")
+    explain_concurrency: int = setting(1, between(int, 1, 64), env="EXPLAIN_CONCURRENCY")
+    ui_enabled: bool = setting(True, flag, env="UI_ENABLED")  # GET / serves the try-it page (app/ui)
+    gpu_decode: bool = setting(False, flag, env="GPU_DECODE")  # decode JPEGs on the GPU (nvJPEG); CUDA only
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """MAX_UPLOAD_MB in bytes (Flask's MAX_CONTENT_LENGTH)."""
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def model_paths(self) -> tuple[str, ...]:
+        """MODEL_PATH as a list: one bundle, or several separated by commas (an ensemble)."""
+        return parse_paths(self.model_path)
 
 
+@declared
 @dataclass(frozen=True)
 class ServerSettings:
-    """gunicorn's settings (gunicorn.conf.py reads them); field names are the variable names in lower case."""
+    """gunicorn's settings (gunicorn.conf.py reads them), declared like Settings."""
 
-    port: int = 5000
-    bind: str = ""  # empty = 0.0.0.0:PORT
-    web_concurrency: int = 1
-    # >= 2 x MAX_BATCH_SIZE: one batch computes while the next is decoded in request threads (phase 1, 32 clients:
-    # THREADS=16 gave mean batch 8, 16 clients queued in gunicorn; 48 gave full batches of 16).
-    threads: int = 40
-    timeout: int = 120
-    graceful_timeout: int = 30
-    keepalive: int = 5
-    max_requests: int = 0  # recycle a worker after this many requests (0 = never)
-    max_requests_jitter: int = 0  # plus a random 0..jitter, so workers do not recycle together
+    port: int = setting(5000, between(int, 1, 65535), env="PORT")
+    bind: str = setting("", text, env="BIND")  # empty = 0.0.0.0:PORT
+    web_concurrency: int = setting(1, between(int, 1, 1024), env="WEB_CONCURRENCY")
+    # >= 2 x MAX_BATCH_SIZE: one batch computes while the next is decoded in request threads.
+    threads: int = setting(40, between(int, 1, 10_000), env="THREADS")
+    timeout: int = setting(120, between(int, 1, 86_400), env="TIMEOUT")
+    graceful_timeout: int = setting(30, between(int, 1, 86_400), env="GRACEFUL_TIMEOUT")
+    keepalive: int = setting(5, between(int, 0, 3600), env="KEEPALIVE")
+    max_requests: int = setting(0, between(int, 0, 1_000_000_000), env="MAX_REQUESTS")  # recycle after N (0 = never)
+    max_requests_jitter: int = setting(0, between(int, 0, 1_000_000_000), env="MAX_REQUESTS_JITTER")  # + 0..N
 
     @property
     def address(self) -> str:
@@ -200,33 +157,15 @@ class ServerSettings:
         return self.bind or f"0.0.0.0:{self.port}"
 
 
-SERVER_PARSERS: dict[str, Callable[[str, object], object]] = {
-    "port": _number(int, 1, 65535),
-    "bind": lambda _name, raw: str(raw).strip(),
-    "web_concurrency": _number(int, 1, 1024),
-    "threads": _number(int, 1, 10_000),
-    "timeout": _number(int, 1, 86_400),
-    "graceful_timeout": _number(int, 1, 86_400),
-    "keepalive": _number(int, 0, 3600),
-    "max_requests": _number(int, 0, 1_000_000_000),
-    "max_requests_jitter": _number(int, 0, 1_000_000_000),
-}
-
-
-def _layered(cls: type, parsers: Mapping, environ: Mapping[str, str], overrides: Mapping[str, object] | None) -> dict:
-    """Parsed values of `cls`'s fields from environ, then overrides (keys are upper-case names); unset ones absent."""
-    layered = {**{k: v for k, v in environ.items() if k.lower() in parsers}, **dict(overrides or {})}
-    values = {}
-    for spec in fields(cls):
-        name = spec.name.upper()
-        if name in layered and layered[name] not in ("", None):
-            values[spec.name] = parsers[spec.name](name, layered[name])
-    return values
+# Derived from the declarations (nothing is listed twice): field name -> parser, and the variables read.
+PARSERS = parsers(Settings)
+SERVER_PARSERS = parsers(ServerSettings)
+VARIABLES = (*variables(Settings), *variables(ServerSettings))
 
 
 def load_server_settings(environ: Mapping[str, str] | None = None) -> ServerSettings:
     """gunicorn's settings from `environ` (default os.environ); ConfigError names a bad variable."""
-    return ServerSettings(**_layered(ServerSettings, SERVER_PARSERS, os.environ if environ is None else environ, None))
+    return ServerSettings(**from_environment(ServerSettings, os.environ if environ is None else environ))
 
 
 def default_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
@@ -240,11 +179,7 @@ def default_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def _check_combination(settings: Settings) -> None:
-    """Combinations that are wrong whatever the machine has (the device itself is checked when a worker starts)."""
-    if settings.device == "cpu" or (settings.precision == "int8" and settings.device != "auto"):
-        problem = precision_problem(settings.precision, torch.device(settings.device.partition(":")[0]))
-        if problem:
-            raise ConfigError(f"PRECISION={settings.precision} with DEVICE={settings.device}: {problem}")
+    """Combinations that are wrong on any machine (no torch needed)."""
     torch_only = settings.device.startswith("cuda") or settings.precision in AMP_ONLY
     if settings.backend == "onnxruntime" and torch_only:
         raise ConfigError(
@@ -255,12 +190,35 @@ def _check_combination(settings: Settings) -> None:
         raise ConfigError("GPU_DECODE=true with DEVICE=cpu: decoding on the GPU needs DEVICE=cuda (or auto on a GPU)")
 
 
-def load_settings(environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None) -> Settings:
-    """Defaults, then `environ` (default os.environ), then `overrides`; keys are the upper-case variable names."""
+def needs_machine_check(settings: Settings) -> bool:
+    """Whether PRECISION and DEVICE depend on what this machine has (checking that imports torch)."""
+    return settings.precision != "fp32"
+
+
+def check_machine(settings: Settings) -> None:
+    """PRECISION on an explicit DEVICE as this machine can run it (e.g. bf16 needs avx512_bf16 or AMX on a CPU)."""
+    if settings.device == "cpu" or (settings.precision == "int8" and settings.device != "auto"):
+        import torch  # here, not at the top: the master reads settings without torch
+
+        from models.runtime import precision_problem
+
+        problem = precision_problem(settings.precision, torch.device(settings.device.partition(":")[0]))
+        if problem:
+            raise ConfigError(f"PRECISION={settings.precision} with DEVICE={settings.device}: {problem}")
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None, machine: bool = True
+) -> Settings:
+    """Defaults, then `environ` (default os.environ), then `overrides`; keys are the upper-case variable names.
+
+    machine=False skips the checks that need torch (check_machine): gunicorn's master runs those in a child."""
     environ = os.environ if environ is None else environ
-    values = _layered(Settings, PARSERS, environ, overrides)
+    values = from_environment(Settings, environ, overrides)
     if "torch_threads" not in values:
         values["torch_threads"] = default_torch_threads(environ)
     settings = Settings(**values)
     _check_combination(settings)
+    if machine:
+        check_machine(settings)
     return settings

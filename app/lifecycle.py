@@ -15,7 +15,8 @@ warm. ServingWorker is gunicorn's gthread worker plus a run directory shared wit
 The master (gunicorn.conf.py's hooks) creates the run directory and numbers generations: 1 at start, +1 per
 reload. Each worker has one JSON record there (`<age>.json`: generation, pid, state, reason), written by the
 master when it creates the worker object (before the fork, so before it SIGTERMs the old workers) and updated
-by the worker. This module imports no torch: the master loads it as the worker class.
+by the worker. The master loads this module as the worker class: it imports no torch, Flask or app code
+(app/__init__.py loads nothing eagerly), which tests/test_server.py checks on a running master.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import NamedTuple
 
 from gunicorn.workers.gthread import ThreadWorker
 
+from app.arrival import set_arrival
+
 RUN_DIR_ENV = "PETCLF_RUN_DIR"
 GENERATION_ENV = "PETCLF_GENERATION"
 MASTER_PID_ENV = "PETCLF_MASTER_PID"
@@ -40,7 +43,6 @@ POLL_S = 0.1
 # A replacement worker that cannot load waits this long before exiting, so gunicorn's immediate respawn does
 # not turn into a tight crash loop while the other workers serve.
 RETRY_DELAY_S = 5.0
-_arrival = threading.local()
 
 
 @dataclass(frozen=True)
@@ -182,11 +184,6 @@ def handover(generation: int, records: list[Record], rejected: int = 0) -> Decis
     return Decision("exit", newest)  # it started and stopped again: a shutdown
 
 
-def arrival_time() -> float | None:
-    """When the server took the current request (time.monotonic()), under ServingWorker; None elsewhere."""
-    return getattr(_arrival, "value", None)
-
-
 class ServingWorker(ThreadWorker):
     """gunicorn's gthread worker that accepts only when warm, hands over on reload and fails softly."""
 
@@ -255,7 +252,7 @@ class ServingWorker(ThreadWorker):
         super().enqueue_req(conn)
 
     def handle(self, conn):
-        _arrival.value = getattr(conn, "petclf_arrived", None)
+        set_arrival(getattr(conn, "petclf_arrived", None))
         return super().handle(conn)
 
     # Stop: drain at once, or after the newer generation is ready

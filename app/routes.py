@@ -6,9 +6,9 @@ import base64
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from app.arrival import arrival_time
 from app.errors import RETRY_AFTER_S
 from app.inputs import batch_images, single_image
-from app.lifecycle import arrival_time
 from app.schemas import BatchPredictionSchema, ExplanationSchema, HealthSchema, ModelInfoSchema, PredictionSchema
 from app.service import Service, get_service
 

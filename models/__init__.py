@@ -1,20 +1,31 @@
-"""Model code shared by training and serving: the network, the bundle format, transforms and data."""
+"""Model code shared by training and serving: the network, the bundle format, transforms and data.
 
-from models.bundle import Bundle, BundleError, load_bundle, load_model, save_bundle
-from models.pet_classifier import HeadConfig, PetClassifier, WeightsUnavailableError, available_archs
-from models.transforms import default_preprocess, eval_transform, train_transform
+The names below load on first use: importing a torch-free module (models.paths, models.settings) loads no torch.
+"""
 
-__all__ = [
-    "Bundle",
-    "BundleError",
-    "HeadConfig",
-    "PetClassifier",
-    "WeightsUnavailableError",
-    "available_archs",
-    "default_preprocess",
-    "eval_transform",
-    "load_bundle",
-    "load_model",
-    "save_bundle",
-    "train_transform",
-]
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "Bundle": "models.bundle",
+    "BundleError": "models.bundle",
+    "load_bundle": "models.bundle",
+    "load_model": "models.bundle",
+    "save_bundle": "models.bundle",
+    "HeadConfig": "models.pet_classifier",
+    "PetClassifier": "models.pet_classifier",
+    "WeightsUnavailableError": "models.pet_classifier",
+    "available_archs": "models.pet_classifier",
+    "default_preprocess": "models.transforms",
+    "eval_transform": "models.transforms",
+    "train_transform": "models.transforms",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    """`from models import PetClassifier` imports models.pet_classifier now."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

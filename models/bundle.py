@@ -15,7 +15,6 @@ from models.ood import OodDetector, OodError
 from models.pet_classifier import HeadConfig, PetClassifier
 from models.transforms import validate_preprocess
 
-DEFAULT_BUNDLE_PATH = "models/pet_classifier.pt"  # where training writes and serving looks by default
 FORMAT_NAME = "pet-classifier-bundle"
 FORMAT_VERSION = 2  # 2 added `calibration` and `ood`; version-1 bundles are upgraded on load
 READABLE_VERSIONS = (1, 2)

@@ -12,22 +12,10 @@ from dataclasses import dataclass
 
 from models.bundle import Bundle, BundleError, load_bundle
 from models.ood import DIRECTION, describe
+from models.paths import PATH_SEPARATOR, parse_paths
 
-PATH_SEPARATOR = ","
 # Members' OOD scores are put on one scale before averaging: (score - threshold) / scale, unknown above 0.
 ENSEMBLE_OOD = "mean over members of (score - threshold) / scale"
-
-
-def parse_paths(values: str | Iterable[str]) -> tuple[str, ...]:
-    """'a.pt,b.pt' (or several such strings) -> ('a.pt', 'b.pt'); raises ValueError on empty or repeated entries."""
-    values = [values] if isinstance(values, str) else list(values)
-    paths = tuple(part.strip() for value in values for part in str(value).split(PATH_SEPARATOR))
-    if not paths or any(not path for path in paths):
-        raise ValueError(f"{PATH_SEPARATOR.join(values)!r} has an empty bundle path; separate paths with commas")
-    repeated = sorted({path for path in paths if paths.count(path) > 1})
-    if repeated:
-        raise ValueError(f"bundle path(s) {repeated} listed more than once")
-    return paths
 
 
 @dataclass(frozen=True)

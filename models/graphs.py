@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -136,6 +137,16 @@ def check_graph(path: str | os.PathLike, header: dict, precision: str, bundle_pa
     return json.loads(meta.get(META_INFO) or "{}")
 
 
+def main(argv: list[str]) -> int:
+    """`python -m models.graphs PRECISION BACKEND BUNDLE...`: exit 0, or 2 with the first problem on stderr."""
+    precision, backend, *paths = argv
+    problem = next(filter(None, (graph_problem(path, precision, backend) for path in paths)), None)
+    if problem:
+        print(f"BACKEND={backend} PRECISION={precision}: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def graph_problem(bundle_path: str | os.PathLike, precision: str, backend: str) -> str | None:
     """Start-up check (gunicorn master): why `backend` (auto/onnxruntime) cannot serve the bundle's graph for
     `precision`, else None. auto without a graph is fine (PyTorch serves); a graph that is there must be usable."""
@@ -155,3 +166,7 @@ def graph_problem(bundle_path: str | os.PathLike, precision: str, backend: str) 
     except GraphError as error:
         return str(error)
     return None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,13 +1,13 @@
 """Benchmarks. Compare (default): in one run, the raw model limit (in-process forward on preprocessed tensors, same
 threads, precision and batch size), the real service (canonical gunicorn command) under closed-loop load at each
-concurrency, the same service with MAX_BATCH_SIZE=1, and the naive pattern (scripts/naive_server.py: plain Flask, one
+concurrency, the same service with MAX_BATCH_SIZE=1, and the naive pattern (tools/naive_server.py: plain Flask, one
 fp32 forward per request); writes benchmark.json, benchmark.md and benchmark.png under --out.
 
-    python scripts/benchmark.py --untrained resnet50                     # the issue's reference: ResNet-50, 224 px
-    python scripts/benchmark.py --model models/pet_classifier.pt --precision fp32 int8 --concurrency 1 8 32
+    python -m scripts.benchmark --untrained resnet50                     # the issue's reference: ResNet-50, 224 px
+    python -m scripts.benchmark --model models/pet_classifier.pt --precision fp32 int8 --concurrency 1 8 32
 Against a running server (--mode serve), and training/inference images/s of an architecture (--mode model):
-    python scripts/benchmark.py --mode serve --url http://127.0.0.1:5000 --concurrency 16 --seconds 20
-    python scripts/benchmark.py --mode model --arch resnet50 --image-size 224 --batch-size 16 --device auto
+    python -m scripts.benchmark --mode serve --url http://127.0.0.1:5000 --concurrency 16 --seconds 20
+    python -m scripts.benchmark --mode model --arch resnet50 --image-size 224 --batch-size 16 --device auto
 """
 
 from __future__ import annotations
@@ -15,11 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
-from models.bundle import DEFAULT_BUNDLE_PATH
+from models.paths import DEFAULT_BUNDLE_PATH
 
-KINDS = ("raw", "service", "unbatched", "naive")  # app.benchmark.KINDS, without importing torch for --help
+try:
+    import tools  # noqa: F401  (the repository's measurement tools: not packaged, importable from the root)
+except ModuleNotFoundError:
+    sys.exit("scripts/benchmark.py uses the repository's tools/ folder: run it from the repository root as "
+             "python -m scripts.benchmark")
+
+KINDS = ("raw", "service", "unbatched", "naive")  # tools.benchmark.KINDS, without importing torch for --help
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = ROOT / "tests" / "data" / "rocket.jpg"  # a 640x427 camera JPEG
@@ -57,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def compare(args) -> dict:
     """The side-by-side run."""
-    from app.benchmark import BenchmarkConfig, run, untrained_bundle
+    from tools.benchmark import BenchmarkConfig, run, untrained_bundle
 
     if args.untrained:
         path = args.out / f"untrained-{args.untrained}-224.pt"
@@ -84,7 +91,7 @@ def compare(args) -> dict:
 
 def serving(args) -> list[dict]:
     """Closed-loop load against --url at each --concurrency."""
-    from app.loadgen import closed_loop
+    from tools.loadgen import closed_loop
 
     data = args.image.read_bytes()
     return [closed_loop(args.url, data, c, args.seconds, args.warmup, observe=True) for c in args.concurrency]

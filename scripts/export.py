@@ -17,8 +17,9 @@ import json
 import os
 import sys
 
-from models.bundle import DEFAULT_BUNDLE_PATH, BundleError
+from models.bundle import BundleError
 from models.graphs import GRAPH_PRECISIONS
+from models.paths import DEFAULT_BUNDLE_PATH
 from models.training.config import flag_message
 from models.training.evaluation import default_workers
 from models.training.export import export_bundle

@@ -50,12 +50,12 @@ cd "$ROOT"
     f"{torch.cuda.get_device_name(0)}")' | tee "$OUT/summary.txt"
 
 for amp in none fp16 bf16; do  # training step and inference, images/s
-    "$PYTHON" scripts/benchmark.py --mode model --arch resnet50 --image-size 224 --batch-size 64 --device cuda \
+    "$PYTHON" -m scripts.benchmark --mode model --arch resnet50 --image-size 224 --batch-size 64 --device cuda \
         --amp "$amp" --seconds "$SECONDS_PER_POINT" --json "$OUT/model-$amp.json" | tee -a "$OUT/summary.txt"
 done
-"$PYTHON" scripts/benchmark.py --untrained resnet50 --precision fp32 fp16 bf16 --concurrency 1 32 \
+"$PYTHON" -m scripts.benchmark --untrained resnet50 --precision fp32 fp16 bf16 --concurrency 1 32 \
     --max-batch-size 32 --seconds "$SECONDS_PER_POINT" --warmup 3 --out "$OUT/serving" > "$OUT/serving.log"
-"$PYTHON" scripts/benchmark.py --untrained resnet50 --precision bf16 --concurrency 32 --max-batch-size 32 \
+"$PYTHON" -m scripts.benchmark --untrained resnet50 --precision bf16 --concurrency 32 --max-batch-size 32 \
     --seconds "$SECONDS_PER_POINT" --warmup 3 --env GPU_DECODE=true --out "$OUT/gpu-decode" > "$OUT/gpu-decode.log"
 {
     echo; echo "## serving (untrained ResNet-50, 224 px; timing only)"; cat "$OUT/serving/benchmark.md"

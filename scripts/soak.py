@@ -5,8 +5,8 @@ get exactly one answer (200, 503 with Retry-After, or 504), accepted ones within
 worker RSS and how fast latency is back to normal. Reload scenarios, 2 workers under 8 keep-alive clients:
 HUP with the same bundle, HUP after replacing the bundle atomically, kill -9 of a worker, max_requests recycling.
 
-    python scripts/soak.py --model models/pet_classifier.pt                 # both (about 4 minutes)
-    python scripts/soak.py --model models/pet_classifier.pt --only reload --json soak.json
+    python -m scripts.soak --model models/pet_classifier.pt                 # both (about 4 minutes)
+    python -m scripts.soak --model models/pet_classifier.pt --only reload --json soak.json
 """
 
 from __future__ import annotations
@@ -14,10 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-from models.bundle import DEFAULT_BUNDLE_PATH
+from models.paths import DEFAULT_BUNDLE_PATH
+
+try:
+    import tools  # noqa: F401  (the repository's measurement tools: not packaged, importable from the root)
+except ModuleNotFoundError:
+    sys.exit("scripts/soak.py uses the repository's tools/ folder: run it from the repository root as "
+             "python -m scripts.soak")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = ROOT / "tests" / "data" / "chelsea.jpg"
@@ -41,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the chosen parts; print one JSON line per scenario and return them all."""
-    from app import soak
+    from tools import soak
 
     args = get_args_parser().parse_args(argv)
     data = args.image.read_bytes()

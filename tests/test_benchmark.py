@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from app.loadgen import closed_loop
 from models.training.throughput import model_throughput
 from tests.conftest import PHOTOS, REPO_ROOT
+from tools.loadgen import closed_loop
 
 
 def test_model_mode_reports_training_and_inference_rates(tmp_path):
@@ -20,7 +20,7 @@ def test_model_mode_reports_training_and_inference_rates(tmp_path):
     argv = ["--mode", "model", "--arch", "resnet18", "--image-size", "32", "--batch-size", "2"]
     argv += ["--seconds", "0.1", "--device", "cpu", "--json", str(out)]
     result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "scripts.benchmark", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     (printed,) = json.loads(out.read_text())
@@ -38,7 +38,7 @@ def test_compare_mode_runs_every_system_once(tiny_bundle_path, tmp_path):
     argv = ["--model", str(tiny_bundle_path), "--concurrency", "2", "--seconds", "0.5", "--warmup", "0.2"]
     argv += ["--out", str(out), "--precision", "fp32", "--torch-threads", "1", "--env", "LOG_LEVEL=info"]
     result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "scripts.benchmark", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "benchmark.json").read_text())

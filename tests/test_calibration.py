@@ -54,6 +54,7 @@ def test_a_validation_set_ranked_all_right_keeps_temperature_1():
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_calibration_lowers_ece_of_an_over_confident_tiny_model(tmp_path, demo_data, class_names):
     torch.manual_seed(0)
     model = PetClassifier(len(class_names), arch="resnet18", head={"hidden": 0}).eval()

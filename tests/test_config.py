@@ -5,14 +5,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, fields
 
 import pytest
 import torch
 
 from app import create_app
-from app.config import ConfigError, Settings, default_torch_threads, load_server_settings, load_settings
+from app.config import (
+    VARIABLES,
+    ConfigError,
+    ServerSettings,
+    Settings,
+    default_torch_threads,
+    load_server_settings,
+    load_settings,
+)
 from app.gpu_decode import GpuDecoder
 from app.inference import serving_device
+from models.settings import between, declared, setting, variables
+from models.training.config import TrainConfig
 from models.transforms import default_preprocess
 from tests.fixtures.server import REPO_ROOT
 
@@ -24,6 +35,19 @@ def test_defaults():
     assert settings.torch_threads == default_torch_threads({})
     assert settings.model_name == "pet-classifier"
     assert settings.max_upload_bytes == int(settings.max_upload_mb * 1024 * 1024)
+
+
+def test_each_setting_is_declared_once_with_its_variable():
+    assert len(VARIABLES) == len(set(VARIABLES)) == len(fields(Settings)) + len(fields(ServerSettings))
+    assert all(name == field.upper() for cls in (Settings, ServerSettings) for name, field in variables(cls).items())
+    assert not variables(TrainConfig)  # training reads flags, through the same declarations
+    with pytest.raises(TypeError, match=r"\['forgotten'\] are not declared"):
+
+        @declared
+        @dataclass(frozen=True)
+        class Half:
+            declared_one: int = setting(1, between(int, 0), env="DECLARED_ONE")
+            forgotten: int = 2
 
 
 def test_environment_then_overrides():

@@ -15,8 +15,9 @@ from models.pet_classifier import PetClassifier
 from models.training.evaluation import evaluate_bundle
 from models.transforms import default_preprocess
 from tests.conftest import REPO_ROOT
+from tests.numerics import most_flagged
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 
 
 def test_evaluate_writes_report_and_confusion_png(tmp_path, trained_bundle_path, training_data, class_names):
@@ -36,7 +37,7 @@ def test_evaluate_writes_report_and_confusion_png(tmp_path, trained_bundle_path,
     assert calibration["ece_before"] == pytest.approx(bundle.calibration["ece_before"], abs=1e-4)
     assert calibration["ece_after"] == pytest.approx(bundle.calibration["ece_after"], abs=1e-4)
     assert calibration["temperatures"] == [bundle.temperature] and len(calibration["reliability_after"]) == 15
-    assert saved["unknown_fraction"] <= 0.05, "the threshold keeps 95% of these validation images known"
+    assert round(saved["unknown_fraction"] * 60) <= most_flagged(60, keep=0.95), "the threshold keeps 95% of them known"
     assert list(saved["tta"]) == ["none"]
 
 

@@ -136,6 +136,7 @@ def heat_ratio(heat: np.ndarray, size: tuple[int, int], preprocess: dict, box: t
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_heat_concentrates_on_the_shape(trained_bundle_path):
     # The trained demo bundle's validation images, regenerated with the shapes' boxes (training_data: seed 1).
     ensemble = load_ensemble(str(trained_bundle_path))

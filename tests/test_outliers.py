@@ -100,8 +100,8 @@ def test_uniform_cross_entropy_is_least_for_equal_logits():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"outlier_exposure": -0.5}, "`outlier_exposure` must be >= 0.0, got -0.5"),
-        ({"outliers": "no/such/folder"}, "`outliers` must be 'synthetic' or a folder of images, got 'no/such/folder'"),
+        ({"outlier_exposure": -0.5}, "`outlier_exposure`=-0.5 is invalid: must be a number >= 0.0"),
+        ({"outliers": "no/such/folder"}, "`outliers`='no/such/folder' is invalid: must be 'synthetic' or a folder"),
     ],
 )
 def test_bad_outlier_settings_name_the_setting(settings, message):

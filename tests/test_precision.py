@@ -37,6 +37,9 @@ INT8 = {"PRECISION": "int8", "DEVICE": "cpu"}
 NO_NATIVE_BF16 = f"this CPU has no native bf16, so bf16 is refused here and not measured: {cpu_bf16_problem()}"
 
 
+pytestmark = pytest.mark.numerics  # int8 and bf16 agreement on the trained fixture model
+
+
 @pytest.mark.parametrize(
     ("features", "native"),
     [

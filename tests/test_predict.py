@@ -16,7 +16,7 @@ from models.training.prediction import predict_files, render
 from models.transforms import default_preprocess
 from tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 
 
 def run(bundle, inputs, fmt: str, k: int):

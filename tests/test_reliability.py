@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from app import soak
 from app.lifecycle import BOOTING, FAILED, READY, Record, handover
 from tests.fixtures.server import poll_readyz, start_server
+from tools import soak
 
 pytestmark = pytest.mark.slow
 API_KEY = "reliability-test-key-0123456789"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,11 +17,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models.bundle import save_bundle
 from models.transforms import default_preprocess
-from tests.conftest import PHOTOS
+from tests.conftest import PHOTOS, REPO_ROOT
 from tests.fixtures.server import PHOTO_NAMES, poll_readyz, reference_probabilities, start_server
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60
+# What gunicorn's master runs before it forks: the config file, then the import of its worker class.
+MASTER_PROBE = """
+import json, runpy, sys
+from gunicorn.util import load_class
+runpy.run_path("gunicorn.conf.py")
+load_class("app.lifecycle.ServingWorker")
+print(json.dumps(sorted(sys.modules)))
+"""
+HEAVY = ("torch", "torchvision", "flask", "werkzeug", "marshmallow", "prometheus_client")
 
 
 def scrape(url: str) -> dict[tuple, float]:
@@ -41,6 +53,27 @@ def livez_count_by_pid(metrics_dir: str) -> dict[int, float]:
             s.value for s in samples if s.name == "petclf_requests_total" and s.labels.get("route") == "/livez"
         )
     return counts
+
+
+def test_the_master_imports_no_torch_flask_or_app(tiny_bundle_path, tmp_path):
+    env = {**os.environ, "MODEL_PATH": str(tiny_bundle_path), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", MASTER_PROBE], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    assert "app.lifecycle" in loaded and "app.config" in loaded  # the probe really read the settings
+    assert not [name for name in loaded if name.split(".")[0] in HEAVY], "the master imports the app's libraries"
+    assert not [name for name in loaded if name.startswith(("app.factory", "app.service", "app.routes"))]
+
+
+def test_a_running_master_holds_no_torch(gunicorn_server):
+    maps = f"/proc/{gunicorn_server.process.pid}/maps"
+    if not os.path.exists(maps):
+        pytest.skip("needs Linux /proc to look into the master's memory")
+    with open(maps) as handle:  # importing torch maps its native libraries (torch/_C, libtorch*) into the process
+        mapped = {line.split()[-1] for line in handle if "/" in line}
+    assert not [path for path in mapped if "torch" in os.path.basename(path) or "/torch/" in path], mapped
 
 
 def test_concurrent_requests_are_batched_and_match_the_model(gunicorn_server, tiny_bundle_path):

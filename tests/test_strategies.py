@@ -96,6 +96,7 @@ def test_step_and_plateau_schedules():
     assert restored.factor(5) == pytest.approx(0.1)
 
 
+@pytest.mark.numerics
 def test_gradual_unfreeze_in_a_real_run(tmp_path, demo_data):
     output = tmp_path / "gradual.pt"
     run_train(demo_data, output, strategy="gradual-unfreeze", unfreeze_every=1, epochs=2)

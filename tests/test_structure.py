@@ -9,7 +9,7 @@ import sys
 
 from tests.conftest import REPO_ROOT
 
-PACKAGES = ("app", "models", "scripts", "tests")
+PACKAGES = ("app", "models", "scripts", "tests", "tools")
 # torch.hub imports tqdm whenever it is installed (and falls back to a stub without it), so the probe makes the
 # training-only packages unimportable: serving must build and predict without any of them.
 BOUNDARY_PROBE = """
@@ -59,6 +59,16 @@ def test_dependencies_point_one_way():
         assert not any(name.split(".")[0] == "app" for name in imports_of(path)), f"{path} imports app"
     for path in python_files("app"):
         assert not any(name.startswith("models.training") for name in imports_of(path)), f"{path} imports training"
+    for path in python_files("app", "models"):  # the measurement tools and their HTTP client stay outside
+        assert not {name.split(".")[0] for name in imports_of(path)} & {"tools", "requests"}, path
+
+
+def test_tools_are_neither_packaged_nor_in_the_image():
+    lines = (REPO_ROOT / "pyproject.toml").read_text().splitlines()
+    (include,) = [line for line in lines if line.startswith("include")]
+    assert "tools" not in include, include  # setuptools' package find: app and models only
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert {"tools", "scripts/benchmark.py", "scripts/soak.py"} <= set(ignored)
 
 
 def test_no_sys_path_tricks_and_no_test_imports_from_scripts():

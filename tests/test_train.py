@@ -15,6 +15,7 @@ import torch
 
 from models.bundle import load_model
 from models.images import load_image
+from models.training.calibration import nll
 from models.training.config import SettingError, TrainConfig, flag_message
 from models.training.data import DataError
 from models.training.demo_data import noise_image
@@ -23,15 +24,26 @@ from models.training.reporting import sibling
 from models.transforms import eval_transform
 from tests.conftest import REPO_ROOT
 from tests.fixtures.training import FIXTURE, run_train, train_config
+from tests.numerics import beats_chance, most_flagged
 
 TRAIN_SCRIPT = str(REPO_ROOT / "scripts" / "train.py")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 
 
 def test_three_epochs_beat_chance_clearly(trained_run):
     assert len(trained_run["history"]) == 3
-    assert trained_run["best_val_acc"] >= 0.55  # chance is 1/3
+    assert beats_chance(round(trained_run["best_val_acc"] * 60), 60, classes=3), trained_run["best_val_acc"]
+
+
+def validation_logits(model, preprocess, data_dir: Path, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of every validation image of `data_dir`, decoded and transformed as training does."""
+    paths = sorted((data_dir / "val").rglob("*.jpg"))
+    transform = eval_transform(preprocess)
+    images = torch.stack([transform(load_image(path, min_size=preprocess["resize"])) for path in paths])
+    with torch.inference_mode():
+        logits = model(images)
+    return logits, torch.tensor([class_names.index(path.parent.name) for path in paths])
 
 
 def test_bundle_loads_and_predicts(trained_bundle_path, training_data, class_names):
@@ -43,8 +55,16 @@ def test_bundle_loads_and_predicts(trained_bundle_path, training_data, class_nam
     assert bundle.training["class_counts"]["train"] == dict.fromkeys(class_names, 80)
     # Fitted after the epoch loop on the 60 validation images: a temperature and an energy detector.
     assert bundle.calibration["images"] == 60 and bundle.temperature > 0
-    assert bundle.metrics["ece_after"] == bundle.calibration["ece_after"] <= bundle.calibration["ece_before"] + 0.02
+    assert bundle.metrics["ece_after"] == bundle.calibration["ece_after"]
     assert bundle.ood["score"] == "energy" and bundle.ood["keep"] == 0.95
+    # What temperature scaling promises: T minimises the validation NLL, so NLL after <= before (T = 1), and T is a
+    # minimum along T. It promises nothing about a 15-bin ECE on 60 images, which rose under AVX-512 kernels.
+    calibration = bundle.calibration
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9, calibration
+    logits, labels = validation_logits(model, bundle.preprocess, training_data, class_names)
+    assert nll(logits, labels) == pytest.approx(calibration["nll_before"], rel=1e-4)  # the same images, same run
+    fitted = nll(logits, labels, bundle.temperature)
+    assert fitted <= min(nll(logits, labels, bundle.temperature * f) for f in (0.9, 1.1)) + 1e-9
     image = load_image(next((training_data / "val" / "circle").iterdir()))
     with torch.inference_mode():
         probs = model(eval_transform(bundle.preprocess)(image).unsqueeze(0)).softmax(dim=1)
@@ -60,8 +80,9 @@ def test_the_service_reproduces_the_validation_accuracy(app_factory, trained_run
         assert answer.status_code == 200, answer.json
         correct += answer.json["predicted_class"] == path.parent.name
         unknown += answer.json["unknown"]
-    assert correct / len(images) == pytest.approx(trained_run["best_val_acc"])
-    assert unknown / len(images) <= 0.05, "the threshold keeps 95% of the validation images known"
+    # The served path folds BatchNorm and runs on one thread: the same answers, up to an image on an exact tie.
+    assert correct / len(images) == pytest.approx(trained_run["best_val_acc"], abs=1 / len(images))
+    assert unknown <= most_flagged(len(images), keep=0.95), "the threshold keeps 95% of the validation images known"
     # Whether noise looks unknown to this 3-epoch model trained without outliers is luck, not a property: measured
     # 0 to 60% of noise images flagged depending only on the thread count (float summation order) of training.
     # What makes it a property is outlier exposure: test_outlier_exposure_teaches_the_service_to_flag_negatives.
@@ -84,12 +105,12 @@ def test_outlier_exposure_teaches_the_service_to_flag_negatives(tmp_path, traini
     output = tmp_path / "exposed.pt"
     summary = run_train(training_data, output, **FIXTURE, outlier_exposure=0.5, outliers=str(negatives))
     assert all(row["outlier_loss"] > 0 for row in summary["history"])
-    assert summary["best_val_acc"] >= 0.55
+    assert beats_chance(round(summary["best_val_acc"] * 60), 60, classes=3), summary["best_val_acc"]
     client = app_factory(output).test_client()
     assert client.get("/model").json["ood"]["score"] == "max-probability"  # `auto` after outlier exposure
     images = sorted((training_data / "val").rglob("*.jpg"))
     known = [client.post("/predict", data=path.read_bytes(), content_type="image/jpeg").json for path in images]
-    assert sum(answer["unknown"] for answer in known) / len(images) <= 0.05
+    assert sum(answer["unknown"] for answer in known) <= most_flagged(len(images), keep=0.95)
     noise = [client.post("/predict", data=noise_png(seed), content_type="image/png").json for seed in range(40)]
     assert sum(answer["unknown"] for answer in noise) / len(noise) >= 0.9, [a["ood_score"] for a in noise]
 
@@ -160,9 +181,9 @@ def test_demo_preset_yields_to_explicit_flags():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"val_split": 0.0}, "`val_split` must be in (0, 1), got 0.0"),
-        ({"unfreeze_every": 0}, "`unfreeze_every` must be >= 1, got 0"),
-        ({"amp": "fp8"}, "`amp` 'fp8' is invalid; valid choices: auto, bf16, fp16, none"),
+        ({"val_split": 0.0}, "`val_split`=0.0 is invalid: must be a number in (0.0, 1.0)"),
+        ({"unfreeze_every": 0}, "`unfreeze_every`=0 is invalid: must be an integer >= 1"),
+        ({"amp": "fp8"}, "`amp`='fp8' is invalid: valid choices are auto, bf16, fp16, none"),
     ],
 )
 def test_library_errors_name_the_setting_and_the_cli_names_the_flag(tmp_path, settings, message):
@@ -175,7 +196,8 @@ def test_library_errors_name_the_setting_and_the_cli_names_the_flag(tmp_path, se
 def test_cli_errors_name_flags_without_a_traceback(tmp_path, demo_data):
     result = run_script("--data-dir", str(demo_data), "--val-split", "1.5")
     assert result.returncode != 0
-    assert "error: --val-split must be in (0, 1), got 1.5" in result.stderr and "Traceback" not in result.stderr
+    assert "error: --val-split=1.5 is invalid: must be a number in (0.0, 1.0)" in result.stderr
+    assert "Traceback" not in result.stderr
     data = Path(shutil.copytree(demo_data, tmp_path / "data"))
     shutil.copy(data / "train" / "square" / "square_0001.jpg", data / "val" / "square" / "copy.jpg")
     result = run_script("--data-dir", str(data), "--output", str(tmp_path / "m.pt"), "--weights", "none")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from models.bundle import DEFAULT_BUNDLE_PATH
 from models.ood import SCORES
+from models.paths import DEFAULT_BUNDLE_PATH
 from models.runtime import AMP_CHOICES
+from models.settings import SettingError, between, declared, flag, one_of, optional, parsers, setting, text, validate
 from models.training.ood import DEFAULT_SCORE
 from models.training.outliers import SYNTHETIC
 from models.training.strategies import OPTIMIZERS, SCHEDULERS, STRATEGIES
@@ -45,70 +46,79 @@ DEMO_PRESET = {
 }
 
 
-class SettingError(ValueError):
-    """A training setting has a bad value; the message names the setting in backticks."""
-
-
 def default_workers() -> int:
     """Data-loader processes: up to 4, never more than the cores."""
     return min(4, os.cpu_count() or 1)
 
 
+def _outliers(label: str, raw: object) -> str:
+    value = str(raw)
+    if value != SYNTHETIC and not Path(value).is_dir():
+        raise SettingError(f"{label}={raw!r} is invalid: must be {SYNTHETIC!r} or a folder of images")
+    return value
+
+
+_path = optional(text)
+_count = between(int, 0)
+_fraction = between(float, 0.0, 0.999)
+_positive = between(float, 0.0)
+
+
+@declared
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training setting; field names are the CLI's flags with underscores."""
+    """Every training setting, one line each: type, default, what is valid; field names are the CLI's flags."""
 
     # data
-    data_dir: str | None = None
-    dataset: str = "folder"
-    dataset_root: str = "data/oxford-pets"
-    val_split: float = 0.2
-    allow_overlap: bool = False
-    image_size: int = 224
-    augment: str = "standard"
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    class_weights: str = "none"
-    balanced_sampler: bool = False
-    workers: int = default_workers()
+    data_dir: str | None = setting(None, _path)
+    dataset: str = setting("folder", one_of(*DATASETS))
+    dataset_root: str = setting("data/oxford-pets", text)
+    val_split: float = setting(0.2, between(float, 0.0, 1.0, open_low=True, open_high=True))
+    allow_overlap: bool = setting(False, flag)
+    image_size: int = setting(224, between(int, 16))
+    augment: str = setting("standard", one_of(*AUGMENTATIONS))
+    mixup_alpha: float = setting(0.0, _positive)
+    cutmix_alpha: float = setting(0.0, _positive)
+    class_weights: str = setting("none", one_of(*CLASS_WEIGHTS))
+    balanced_sampler: bool = setting(False, flag)
+    workers: int = setting(default_workers(), _count)
     # model
-    arch: str = "resnet50"
-    weights: str = "imagenet"
-    head_hidden: int = 512
-    dropout: float = 0.5
+    arch: str = setting("resnet50", text)
+    weights: str = setting("imagenet", text)
+    head_hidden: int = setting(512, _count)
+    dropout: float = setting(0.5, _fraction)
     # optimisation
-    strategy: str = "fine-tune"
-    unfreeze_every: int = 2
-    epochs: int = 15
-    batch_size: int = 32
-    opt: str = "adamw"
-    lr: float | None = None
-    lr_mults: str = "auto"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_scheduler: str = "cosine"
-    warmup_epochs: float = 1.0
-    lr_step_size: int = 5
-    lr_gamma: float = 0.1
-    plateau_patience: int = 2
-    label_smoothing: float = 0.1
-    patience: int = 5
+    strategy: str = setting("fine-tune", one_of(*STRATEGIES))
+    unfreeze_every: int = setting(2, between(int, 1))
+    epochs: int = setting(15, between(int, 1))
+    batch_size: int = setting(32, between(int, 1))
+    opt: str = setting("adamw", one_of(*OPTIMIZERS))
+    lr: float | None = setting(None, optional(between(float, 0.0, open_low=True)))  # None: base_lr
+    lr_mults: str = setting("auto", text)
+    momentum: float = setting(0.9, between(float, 0.0, 1.0))
+    weight_decay: float = setting(1e-4, _positive)
+    lr_scheduler: str = setting("cosine", one_of(*SCHEDULERS))
+    warmup_epochs: float = setting(1.0, _positive)
+    lr_step_size: int = setting(5, between(int, 1))
+    lr_gamma: float = setting(0.1, _positive)
+    plateau_patience: int = setting(2, _count)
+    label_smoothing: float = setting(0.1, _fraction)
+    patience: int = setting(5, _count)
     # run
-    output: str = DEFAULT_BUNDLE_PATH
-    checkpoint: str | None = None
-    resume: str | None = None
-    device: str = "auto"
-    amp: str = "auto"
-    sync_bn: bool = False
-    seed: int = 0
+    output: str = setting(DEFAULT_BUNDLE_PATH, text)
+    checkpoint: str | None = setting(None, _path)
+    resume: str | None = setting(None, _path)
+    device: str = setting("auto", text)
+    amp: str = setting("auto", one_of(*AMP_CHOICES))
+    sync_bn: bool = setting(False, flag)
+    seed: int = setting(0, between(int))
     # unknown inputs: outlier exposure while training, the detector fitted after it
-    outlier_exposure: float = 0.0
-    outliers: str = "synthetic"
-    ood_score: str = "auto"
+    outlier_exposure: float = setting(0.0, _positive)
+    outliers: str = setting(SYNTHETIC, _outliers)
+    ood_score: str = setting("auto", one_of("auto", *SCORES))
 
     def __post_init__(self):
-        _check_choices(self)
-        _check_ranges(self)
+        validate(self)
 
     @classmethod
     def demo(cls, **overrides) -> TrainConfig:
@@ -142,66 +152,13 @@ class TrainConfig:
         output = Path(self.output)
         return str(output.with_name(output.stem + CHECKPOINT_SUFFIX))
 
-    def with_changes(self, **changes) -> TrainConfig:
-        """A validated copy with some settings changed."""
-        return replace(self, **changes)
-
     def to_dict(self) -> dict:
         """Plain types, for the bundle, the checkpoint and the history file."""
         return asdict(self)
 
 
-CHOICES = {
-    "dataset": DATASETS,
-    "augment": AUGMENTATIONS,
-    "class_weights": CLASS_WEIGHTS,
-    "strategy": STRATEGIES,
-    "opt": OPTIMIZERS,
-    "lr_scheduler": SCHEDULERS,
-    "amp": AMP_CHOICES,
-    "ood_score": ("auto", *SCORES),
-}
-# setting -> (lowest, highest) allowed; None = unbounded on that side.
-RANGES = {
-    "image_size": (16, None),
-    "epochs": (1, None),
-    "batch_size": (1, None),
-    "workers": (0, None),
-    "unfreeze_every": (1, None),
-    "head_hidden": (0, None),
-    "dropout": (0.0, 0.999),
-    "mixup_alpha": (0.0, None),
-    "cutmix_alpha": (0.0, None),
-    "label_smoothing": (0.0, 0.999),
-    "outlier_exposure": (0.0, None),
-    "warmup_epochs": (0.0, None),
-    "lr_step_size": (1, None),
-    "plateau_patience": (0, None),
-    "patience": (0, None),
-    "weight_decay": (0.0, None),
-    "momentum": (0.0, 1.0),
-}
-
-
-def _check_choices(config: TrainConfig) -> None:
-    for name, choices in CHOICES.items():
-        value = getattr(config, name)
-        if value not in choices:
-            raise SettingError(f"`{name}` {value!r} is invalid; valid choices: {', '.join(choices)}")
-
-
-def _check_ranges(config: TrainConfig) -> None:
-    for name, (low, high) in RANGES.items():
-        value = getattr(config, name)
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise SettingError(f"`{name}` must be {bounds}, got {value}")
-    if not 0.0 < config.val_split < 1.0:
-        raise SettingError(f"`val_split` must be in (0, 1), got {config.val_split}")
-    if config.lr is not None and config.lr <= 0:
-        raise SettingError(f"`lr` must be > 0, got {config.lr}")
-    if config.outliers != SYNTHETIC and not Path(config.outliers).is_dir():
-        raise SettingError(f"`outliers` must be {SYNTHETIC!r} or a folder of images, got {config.outliers!r}")
+# Derived from the declarations, for the command line: setting -> its valid choices.
+CHOICES = {name: parse.choices for name, parse in parsers(TrainConfig).items() if hasattr(parse, "choices")}
 
 
 def setting_names() -> tuple[str, ...]:

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from models.bundle import DEFAULT_BUNDLE_PATH
 from models.ensemble import Ensemble
 from models.loader import backend_of, load_predictor
+from models.paths import DEFAULT_BUNDLE_PATH
 from models.predictor import MemberOutput, Output, Predictor, average
 from models.runtime import DeviceError
 from models.training.calibration import ECE_BINS, expected_calibration_error, reliability

@@ -3,9 +3,9 @@
 What the Flask and PyTorch tutorials write: load the model at start-up, then per request open the image with PIL,
 apply the eval transform and run the model in the request's own thread, on DEVICE (default auto: the GPU if there
 is one). No batching, no queue, no metrics.
-scripts/benchmark.py starts it under gunicorn like the service (gthread, same threads and TORCH_THREADS):
+python -m scripts.benchmark starts it under gunicorn like the service (gthread, same threads and TORCH_THREADS):
 
-    MODEL_PATH=models/pet_classifier.pt gunicorn -w 1 --threads 16 --pythonpath scripts 'naive_server:create_app()'
+    MODEL_PATH=models/pet_classifier.pt gunicorn -w 1 --threads 16 'tools.naive_server:create_app()'  # repo root
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from flask import Flask, jsonify, request
 from PIL import Image
 
-from models.bundle import DEFAULT_BUNDLE_PATH, load_model
+from models.bundle import load_model
+from models.paths import DEFAULT_BUNDLE_PATH
 from models.runtime import resolve_device
 from models.transforms import eval_transform
 

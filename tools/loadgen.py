@@ -2,7 +2,7 @@
 
 Clients are threads holding one keep-alive http.client connection each: every client posts, waits for the
 answer, posts again. The generator shares the cores with the server, so it measures its own CPU time too.
-Used by app/benchmark.py and scripts/benchmark.py; the service never imports it.
+Used by tools/benchmark.py and scripts/benchmark.py; the service never imports it.
 """
 
 from __future__ import annotations

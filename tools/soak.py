@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import requests
 import torch
 
-from app.harness import ready_workers, serving
-from app.loadgen import children as worker_pids  # the live children of gunicorn's master: its workers
-from app.loadgen import status_kib
 from models.bundle import load_model, save_bundle
+from tools.harness import ready_workers, serving
+from tools.loadgen import children as worker_pids  # the live children of gunicorn's master: its workers
+from tools.loadgen import status_kib
 
 CLIENT_TIMEOUT_S = 60.0  # far above REQUEST_TIMEOUT_S: a request that hangs shows up as a Timeout outcome
 

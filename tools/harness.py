@@ -1,6 +1,6 @@
 """Run the real service from outside, as users do: start it with the canonical command, wait, load it.
 
-Used by scripts/benchmark.py and by the tests; the service itself never imports this module.
+Used by tools/benchmark.py, tools/soak.py and the tests; the service itself never imports this module.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """One side-by-side benchmark run: the raw model limit, the real service at each concurrency, the same service with
-MAX_BATCH_SIZE=1, and the seed pattern (scripts/naive_server.py); reported as JSON, a markdown table and a plot.
+MAX_BATCH_SIZE=1, and the seed pattern (tools/naive_server.py); reported as JSON, a markdown table and a plot.
 
 Every system gets the same environment: one worker, the same TORCH_THREADS and THREADS, and the OpenMP policy that
 gunicorn.conf.py gives the service (GOMP_SPINCOUNT=10000; --env OMP_WAIT_POLICY=PASSIVE measures the old one). The
 raw limit runs in a child process with that environment, through the service's own preprocessing and inference
-code. scripts/benchmark.py is the command line; the service never imports this module.
+code. scripts/benchmark.py is the command line; the service never imports this module (tools/ is not packaged).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from app.config import load_server_settings
-from app.harness import ROOT, SERVER_COMMAND, spawned
-from app.loadgen import RssSampler, children, closed_loop
+from tools.harness import ROOT, SERVER_COMMAND, spawned
+from tools.loadgen import RssSampler, children, closed_loop
 
 BASE_ENV = {"GOMP_SPINCOUNT": "10000", "WEB_CONCURRENCY": "1"}  # the spin bound as gunicorn.conf.py sets it
 KINDS = {"raw": "raw model", "service": "service", "unbatched": "service MAX_BATCH_SIZE=1", "naive": "naive Flask"}
 RAW_PROBE = """
 import json, sys
-from app.benchmark import raw_limit
+from tools.benchmark import raw_limit
 print(json.dumps(raw_limit(**json.loads(sys.argv[1]))))
 """
 # The issue's targets (issue 9), checked on every run: (name, goal, higher is better).
@@ -137,11 +137,11 @@ def run_raw(config: BenchmarkConfig, precision: str) -> dict:
 
 
 def naive_command(threads: int) -> tuple[str, ...]:
-    """gunicorn running scripts/naive_server.py like the service runs: one gthread worker, `threads` threads."""
+    """gunicorn running tools/naive_server.py like the service runs: one gthread worker, `threads` threads."""
     return (
         # -c /dev/null: no config file; gunicorn would otherwise load the service's ./gunicorn.conf.py.
         *("-m", "gunicorn", "-c", os.devnull, "--bind", "{bind}", "--workers", "1", "--worker-class", "gthread"),
-        *("--threads", str(threads), "--pythonpath", str(ROOT / "scripts"), "naive_server:create_app()"),
+        *("--threads", str(threads), "--pythonpath", str(ROOT), "tools.naive_server:create_app()"),
     )
 
 
