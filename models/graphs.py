@@ -119,7 +119,7 @@ def check_graph(path: str | os.PathLike, header: dict, precision: str, bundle_pa
     except GraphError:
         raise
     except Exception as error:  # ORT raises its own types for unreadable, truncated or invalid graphs
-        reason = str(error)[:200]
+        reason = " ".join(str(error).split())[:200]  # one line: the master prints the child's last line
         raise GraphError(f"{path} is not a readable ONNX graph ({reason}); make it again with: {command}") from error
     meta = session.get_modelmeta().custom_metadata_map
     content_hash = str(header.get("content_hash"))
