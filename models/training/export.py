@@ -186,20 +186,27 @@ def export_bundle(
         held_out = _labelled(pick(split.val, holdout_images, seed), preprocess, batch_size, workers)
     elif "int8" in precisions:
         raise DataError("int8 is calibrated on the bundle's training images: give `data_dir`")
-    report = {"model": str(model_path), "version": bundle.version, "graphs": {}}
+    calibration_batches = (images for images, _ in _labelled(calibration, preprocess, batch_size, workers))
+    graphs = write_graphs(bundle, reference, precisions, calibration_batches, held_out, source)
+    return {"model": str(model_path), "version": bundle.version, "graphs": graphs}
+
+
+def write_graphs(bundle, reference: Predictor, precisions, calibration=(), held_out=(), source=None) -> dict:
+    """Export the bundle's graphs beside it: int8 calibrated on the `calibration` batches, each measured against
+    `reference` (its PyTorch fp32 predictor) on `held_out` (images, labels) batches when given; returns their info."""
+    graphs = {}
     with tempfile.TemporaryDirectory() as folder:
-        fp32 = export_fp32(bundle.build_model("cpu"), preprocess["crop"], Path(folder) / "fp32.onnx")
+        fp32 = export_fp32(bundle.build_model("cpu"), bundle.preprocess["crop"], Path(folder) / "fp32.onnx")
         for precision in precisions:
             started = time.perf_counter()
             untagged, info = fp32, {"torch": torch.__version__.split("+")[0], "opset": OPSET}
             if precision == "int8":
                 untagged = Path(folder) / "int8.onnx"
-                batches = (images for images, _ in _labelled(calibration, preprocess, batch_size, workers))
-                seen = quantize_int8(fp32, batches, untagged)
+                seen = quantize_int8(fp32, calibration, untagged)
                 info["calibration"] = {"images": seen, "data": source, "method": "static QDQ, per-channel, min-max"}
             if held_out:
                 info["agreement"] = {precision: _measured(reference, untagged, precision, held_out)}
             info["seconds"] = round(time.perf_counter() - started, 1)
-            path = _finish(untagged, bundle, precision, info, graph_path(model_path, precision))
-            report["graphs"][precision] = {"path": str(path), **info}
-    return report
+            path = _finish(untagged, bundle, precision, info, graph_path(bundle.path, precision))
+            graphs[precision] = {"path": str(path), **info}
+    return graphs
