@@ -186,3 +186,14 @@ def test_the_server_serves_through_onnx_runtime_and_falls_back_without_a_graph(e
             assert "no fp32 graph at" in server.log() and "python scripts/export.py" in server.log()
         else:
             assert member["graph"] == str(graph_path(bundle, "fp32")) and member["agreement"]["agreement"] == 1.0
+
+
+def test_evaluation_measures_the_int8_that_is_served(exported, training_data, tmp_path):
+    from models.training.evaluation import evaluate_bundle
+
+    bundle, _ = exported
+    served = evaluate_bundle(bundle, training_data, tmp_path / "int8", workers=0, device="cpu", precision="int8")
+    pytorch = evaluate_bundle(bundle, training_data, tmp_path / "fp32", workers=0, device="cpu", backend="torch")
+    assert (served["precision"], served["backends"]) == ("int8", ["onnxruntime"])
+    assert pytorch["backends"] == ["torch"] and served["images"] == pytorch["images"]
+    assert abs(served["accuracy"] - pytorch["accuracy"]) <= 0.1  # int8 flips few of these images, if any
