@@ -14,7 +14,7 @@ import tempfile
 
 # Only the batcher thread runs torch kernels on the /predict path (request threads decode and resize with PIL), so
 # one OpenMP team computes. Its helper threads spin briefly at each of a forward pass's ~650 barriers instead of
-# sleeping (OMP_WAIT_POLICY=PASSIVE cost 35-60 ms per ResNet-50 forward on a quiet 2-core VM, measured), and sleep
+# sleeping (sleeping at every barrier, OMP_WAIT_POLICY=PASSIVE, makes each forward pass much slower), and sleep
 # after ~GOMP_SPINCOUNT iterations, so an idle team does not starve other threads as libgomp's default spinning
 # did. An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. Must be set before torch is imported.
 if "OMP_WAIT_POLICY" not in os.environ:

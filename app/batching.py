@@ -184,7 +184,7 @@ class MicroBatcher:
                     return None
                 self._cond.wait()
             due = self._queue[0].enqueued + self.max_wait_s
-            # Waiting for nobody cost every lone request max_wait_s (5.3 ms measured at 1 client).
+            # Wait only while items are being prepared: waiting for nobody would cost every lone request max_wait_s.
             while len(self._queue) < self.max_batch_size and self._preparing > 0 and not self._stopping:
                 remaining = due - time.monotonic()
                 if remaining <= 0:

@@ -123,11 +123,20 @@ class Settings:
     explain_concurrency: int = setting(1, between(int, 1, 64), env="EXPLAIN_CONCURRENCY")
     ui_enabled: bool = setting(True, flag, env="UI_ENABLED")  # GET / serves the try-it page (app/ui)
     gpu_decode: bool = setting(False, flag, env="GPU_DECODE")  # decode JPEGs on the GPU (nvJPEG); CUDA only
+    # Request limits (docs/security.md): decoded pixels held at once per worker; how slowly a body may arrive.
+    decode_budget_mb: float = setting(512.0, between(float, 1, 1_048_576), env="DECODE_BUDGET_MB")
+    body_timeout_s: float = setting(10.0, between(float, 0.1, 3600), env="BODY_TIMEOUT_S")
+    body_min_rate_kbps: float = setting(64.0, between(float, 0.001, 1_048_576), env="BODY_MIN_RATE_KBPS")
 
     @property
     def max_upload_bytes(self) -> int:
         """MAX_UPLOAD_MB in bytes (Flask's MAX_CONTENT_LENGTH)."""
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def decode_budget_bytes(self) -> int:
+        """DECODE_BUDGET_MB in bytes."""
+        return int(self.decode_budget_mb * 1024 * 1024)
 
     @property
     def model_paths(self) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ STATUS = {
     "too_many_files": 400,
     "unauthorized": 401,
     "unknown_model": 404,
+    "body_timeout": 408,
     "payload_too_large": 413,
     "image_too_large": 413,
     "unsupported_media_type": 415,

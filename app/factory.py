@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
 
-from flask import Flask, g, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Flask
 
+from app import body
 from app.auth import install_api_keys, public_endpoints
-from app.config import Settings, load_settings
-from app.errors import coded_response, register_error_handlers
+from app.config import load_settings
+from app.errors import register_error_handlers
 from app.inference import serving_device
 from app.metrics import Metrics
 from app.openapi import build_spec
@@ -26,28 +25,6 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("app").setLevel(level.upper())
 
 
-def _install_metrics_hooks(app: Flask, metrics: Metrics) -> None:
-    @app.before_request
-    def _start_timer():
-        g.started = time.perf_counter()
-
-    @app.after_request
-    def _observe(response):
-        route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.observe_request(
-            route, response.status_code, time.perf_counter() - g.get("started", time.perf_counter())
-        )
-        if "error_code" in g:
-            metrics.reject(g.error_code)
-        return response
-
-
-def _install_size_limit_handler(app: Flask, settings: Settings) -> None:
-    @app.errorhandler(RequestEntityTooLarge)
-    def _too_large(_error):
-        return coded_response(
-            "payload_too_large", f"the request body exceeds MAX_UPLOAD_MB={settings.max_upload_mb:g} MB"
-        )
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -69,8 +46,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     metrics = Metrics(bundle.class_names)
     app.extensions[EXTENSION] = Service(settings, bundle, device, metrics)
     register_error_handlers(app)
-    _install_size_limit_handler(app, settings)
-    _install_metrics_hooks(app, metrics)
+    body.install(app, settings, metrics)  # MAX_UPLOAD_MB for chunked bodies too; slow bodies cut off (408)
+    metrics.observe_requests(app)
     install_api_keys(app, settings)
     app.register_blueprint(bp)
     register_v2(app)  # the Open Inference Protocol under /v2

@@ -1,15 +1,20 @@
-"""The model handler, TorchServe style: preprocess (request thread), inference (batcher thread), postprocess."""
+"""The request handler, TorchServe style: preprocess (request thread), inference (batcher thread), postprocess.
+
+The pre- and post-processing layer of the service; app/service.py is the concurrency layer around it (deadlines,
+batcher, readiness, the explain gate) and knows nothing of pixels or labels.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
 from app.config import ConfigError, Settings
 from models.ensemble import Ensemble
-from models.explain import grad_cam, overlay, png_bytes
-from models.images import decode_image
+from models.explain import OVERLAY_MAX_SIDE, grad_cam, overlay, png_bytes
+from models.images import DecodeBudget, ImageError, decode_fitted, decode_image
 from models.loader import load_predictor
 from models.onnx_runtime import OnnxNetwork
 from models.predictor import Output, Predictor
@@ -33,14 +38,21 @@ def serving_device(settings: Settings) -> torch.device:
     return device
 
 
-class Classifier:
+class Handler:
     """The served model (one bundle or an ensemble) on one device, with its transform and labels prepared once.
 
     `explainer` is the PyTorch float32 predictor /explain differentiates: the served one where that is PyTorch
     fp32, else the members' float32 networks (int8 networks and ONNX Runtime sessions have no gradients).
     """
 
-    def __init__(self, predictor: Predictor, ensemble: Ensemble, max_pixels: int, explainer: Predictor | None = None):
+    def __init__(
+        self,
+        predictor: Predictor,
+        ensemble: Ensemble,
+        max_pixels: int,
+        explainer: Predictor | None = None,
+        budget: DecodeBudget | None = None,
+    ):
         self.predictor = predictor
         self.explainer = explainer or predictor
         self.runtime = predictor.runtime
@@ -51,24 +63,44 @@ class Classifier:
         self.crop = ensemble.preprocess["crop"]
         self.min_size = ensemble.preprocess["resize"]
         self.max_pixels = max_pixels
+        self.budget = budget  # decoded bytes all request threads may hold at once (DECODE_BUDGET_MB)
         self.transform = eval_transform(ensemble.preprocess)
         self.normalize = self.transform.normalize.to(self.device)  # a copy on the device the batch is stacked on
-        self.decoder = None  # set by build_classifier when GPU_DECODE is on
-        self.members: tuple[dict, ...] = tuple({} for _ in ensemble.bundles)  # set by build_classifier
+        self.decoder = None  # set by build_handler when GPU_DECODE is on
+        self.members: tuple[dict, ...] = tuple({} for _ in ensemble.bundles)  # set by build_handler
         # ONNX Runtime takes contiguous NCHW; PyTorch's folded networks run channels-last.
         self.channels_last = self.runtime.channels_last
         self.onnx_only = all(isinstance(m.model, OnnxNetwork) for m in predictor.members)
 
-    def preprocess(self, data: bytes, tta: str = "none") -> list[torch.Tensor]:
+    def preprocess(self, data: bytes, tta: str = "none", timeout: float | None = None) -> list[torch.Tensor]:
         """Untrusted bytes -> uint8 (3, crop, crop) pixels, one per view (the mirror too for tta 'flip').
 
         Runs in request threads: PIL and numpy only, no torch kernel, so no OpenMP team competes with the
-        batcher's (or on the GPU with GPU_DECODE). Raises models.images.ImageError.
+        batcher's (or on the GPU with GPU_DECODE). Raises models.images.ImageError, or DecodeBusy when the
+        worker's DECODE_BUDGET_MB stays spent for `timeout` seconds.
         """
         pixels = None if self.decoder is None else self.decoder(data)  # None: not a JPEG, PIL decodes it
         if pixels is None:
-            pixels = self.transform.pixels(decode_image(data, self.max_pixels, min_size=self.min_size))
+            image = decode_image(data, self.max_pixels, self.min_size, self.budget, timeout)
+            pixels = self.transform.pixels(image)
         return [pixels] if tta == "none" else [pixels, mirrored(pixels)]
+
+    def preprocess_all(
+        self, images: list[bytes], tta: str = "none", time_left: Callable[[], float] | None = None
+    ) -> list[list[torch.Tensor]]:
+        """Each image's views (`preprocess`); the ImageError of a batch names the image's position.
+
+        `time_left()` (seconds; it raises once none are) is asked before each image and bounds its decode's wait.
+        """
+        views = []
+        for index, data in enumerate(images):
+            try:
+                views.append(self.preprocess(data, tta, None if time_left is None else time_left()))
+            except ImageError as error:
+                if len(images) == 1:
+                    raise
+                raise type(error)(f"image {index}: {error}") from error
+        return views
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         """The batcher's items -> one normalised float batch on the device: uint8 pixels are normalised once per
@@ -86,7 +118,8 @@ class Classifier:
         return self.predictor(batch)
 
     def postprocess(self, output: Output, k: int, include_probabilities: bool = True) -> dict:
-        """One image's Output (its views already averaged) -> the prediction document."""
+        """One image's Output (its views already averaged) -> the prediction document (PredictionSchema); the
+        service counts predicted_class and unknown from it, so each is computed once."""
         values = output.probs[0].tolist()
         ranked = top_k(values, self.class_names, k)
         score = None if output.ood_scores is None else output.ood_scores[0].item()
@@ -102,14 +135,17 @@ class Classifier:
             result["all_probabilities"] = dict(zip(self.class_names, values, strict=True))
         return result
 
-    def explain(self, data: bytes, class_name: str | None, k: int) -> tuple[bytes, dict]:
-        """Untrusted bytes -> (PNG of the Grad-CAM heat over the image at its own size, the prediction document)."""
-        tensor = self.collate(self.preprocess(data))[0]  # exactly what /predict computes on
-        picture = decode_image(data, self.max_pixels)  # full resolution, for the overlay
+    def explain(self, data: bytes, class_name: str | None, k: int, check=lambda: None) -> tuple[bytes, dict]:
+        """Untrusted bytes -> (PNG of the Grad-CAM heat over the image, fitted to OVERLAY_MAX_SIDE, the prediction
+        document); `check()` runs between the steps (it raises to stop)."""
+        tensor = self.collate(self.preprocess(data, timeout=check()))[0]  # exactly what /predict computes on
         class_index = None if class_name is None else self.class_names.index(class_name)
         heat, output = grad_cam(self.explainer, tensor, class_index)
+        # The picture is decoded again, at most OVERLAY_MAX_SIDE pixels long: never the full original.
+        picture = decode_fitted(data, self.max_pixels, OVERLAY_MAX_SIDE, self.budget, check())
         result = self.postprocess(output, k)
         result["explained_class"] = class_name or result["predicted_class"]
+        check()
         return png_bytes(overlay(picture, heat, self.preprocess_config)), result
 
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
@@ -121,7 +157,7 @@ class Classifier:
         return [dict(member) for member in self.members]
 
 
-def build_classifier(settings: Settings, ensemble: Ensemble, device: torch.device) -> Classifier:
+def build_handler(settings: Settings, ensemble: Ensemble, device: torch.device) -> Handler:
     """Build every member's model on `device` through the one loader (the slow part of start-up); ONNX Runtime
     sessions open in the batcher thread at warm-up with TORCH_THREADS intra-op threads."""
     loaded = load_predictor(ensemble, device, settings.precision, settings.backend, threads=settings.torch_threads)
@@ -132,10 +168,11 @@ def build_classifier(settings: Settings, ensemble: Ensemble, device: torch.devic
                 zip(ensemble.bundles, loaded.members, strict=True)]  # fmt: skip
     log.info("model %s (%s) on %s, BACKEND=%s: %s", ensemble.version, ensemble.arch, device, settings.backend,
              "; ".join(runtimes))  # fmt: skip
-    classifier = Classifier(loaded.predictor, ensemble, settings.max_image_pixels, loaded.floats)
-    classifier.members = loaded.members
+    budget = DecodeBudget(settings.decode_budget_bytes)
+    handler = Handler(loaded.predictor, ensemble, settings.max_image_pixels, loaded.floats, budget)
+    handler.members = loaded.members
     if settings.gpu_decode:
         from app.gpu_decode import GpuDecoder
 
-        classifier.decoder = GpuDecoder(ensemble.preprocess, device, settings.max_image_pixels)
-    return classifier
+        handler.decoder = GpuDecoder(ensemble.preprocess, device, settings.max_image_pixels)
+    return handler

@@ -22,6 +22,7 @@ by the worker. The master loads this module as the worker class: it imports no t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -31,15 +32,19 @@ import time
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
 from app.arrival import set_arrival
+from app.watchdog import release_headers, watch_headers
 
 RUN_DIR_ENV = "PETCLF_RUN_DIR"
 GENERATION_ENV = "PETCLF_GENERATION"
 MASTER_PID_ENV = "PETCLF_MASTER_PID"
 BOOTING, READY, FAILED = "booting", "ready", "failed"
 POLL_S = 0.1
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 1 << 20
 # A replacement worker that cannot load waits this long before exiting, so gunicorn's immediate respawn does
 # not turn into a tight crash loop while the other workers serve.
 RETRY_DELAY_S = 5.0
@@ -184,6 +189,29 @@ def handover(generation: int, records: list[Record], rejected: int = 0) -> Decis
     return Decision("exit", newest)  # it started and stopped again: a shutdown
 
 
+# gunicorn's own refusals (a bad request line or header, too long a URI or header block) as the service's codes.
+GUNICORN_CODES = {400: "bad_request", 403: "forbidden", 414: "uri_too_long", 417: "expectation_failed",
+                  431: "headers_too_large", 500: "internal_error", 501: "not_implemented"}  # fmt: skip
+
+
+def write_json_error(sock, status: int, reason: str, message: str) -> None:
+    """gunicorn's util.write_error, answering in the service's JSON error shape instead of an HTML page."""
+    code = GUNICORN_CODES.get(status, reason.lower().replace(" ", "_"))
+    body = json.dumps({"error": {"code": code, "message": message or reason}}).encode()
+    head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body)
+
+
+def _return_big_buffers() -> None:
+    """glibc: allocations over MMAP_THRESHOLD_BYTES are mapped, and unmapped when freed, always.
+
+    By default glibc raises that threshold to the size of each block freed (up to 32 MB), so a decoded image's
+    blocks stayed in the heap: a worker kept 1.0-1.15 GB resident after one 40-megapixel request (issue 21).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 class ServingWorker(ThreadWorker):
     """gunicorn's gthread worker that accepts only when warm, hands over on reload and fails softly."""
 
@@ -193,6 +221,7 @@ class ServingWorker(ThreadWorker):
         self.run_dir = RunDir.from_env()
         self._rejected = 0  # the newest generation seen failing: later SIGTERMs ignore it
         self._handover: threading.Thread | None = None
+        self._header_timeout_s: float | None = None  # BODY_TIMEOUT_S, read from the app once it is loaded
         self._record(BOOTING)  # in the master, before the fork
 
     def _record(self, state: str, reason: str = "") -> None:
@@ -204,6 +233,9 @@ class ServingWorker(ThreadWorker):
 
     def init_process(self):
         self._record(BOOTING)  # in the child: now with its pid
+        # The worker's handle_error writes through util.write_error; this process is ours (after the fork).
+        util.write_error = write_json_error
+        _return_big_buffers()
         super().init_process()
 
     def load_wsgi(self):
@@ -236,10 +268,15 @@ class ServingWorker(ThreadWorker):
             while self.alive and time.monotonic() < deadline:
                 time.sleep(POLL_S)
         # Status 1, not gunicorn's boot-error 3 (which halts the master). os._exit skips the interpreter's final
-        # garbage collection of the half-built app: 17 s measured on a loaded machine, while the old workers wait.
+        # garbage collection of the half-built app, which can take many seconds while the old workers wait.
         os._exit(1)
 
     def run(self):
+        wsgi = getattr(self, "wsgi", None)
+        if wsgi is not None:
+            from app.service import get_service  # the app is loaded: no import cost left
+
+            self._header_timeout_s = get_service(wsgi).settings.body_timeout_s
         if self.alive:
             self._record(READY)
             self.log.info("worker %s ready (generation %d): accepting connections", self.pid, self.generation)
@@ -253,7 +290,14 @@ class ServingWorker(ThreadWorker):
 
     def handle(self, conn):
         set_arrival(getattr(conn, "petclf_arrived", None))
-        return super().handle(conn)
+        if self._header_timeout_s:
+            # gunicorn waits at most 5 s for a request's first byte, but then reads its headers without a deadline:
+            # a client that stops mid-headers held the thread until it hung up. BODY_TIMEOUT_S bounds them too.
+            watch_headers(time.monotonic() + self._header_timeout_s, conn.sock)
+        try:
+            return super().handle(conn)
+        finally:
+            release_headers()
 
     # Stop: drain at once, or after the newer generation is ready
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 
+from flask import Flask, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from app.batching import BatchObserver
@@ -43,6 +45,10 @@ class Metrics(BatchObserver):
         self.depth = Gauge(
             f"{PREFIX}_queue_depth", "Images waiting for a forward pass", multiprocess_mode="livesum", registry=reg
         )
+        self.body_timeouts = Counter(
+            f"{PREFIX}_body_timeouts", "Request bodies cut off for arriving too slowly (BODY_MIN_RATE_KBPS)",
+            ["route"], registry=reg,
+        )  # fmt: skip
         self.rejected = Counter(f"{PREFIX}_rejected_requests", "Refused requests", ["reason"], registry=reg)
         self.predictions = Counter(f"{PREFIX}_predictions", "Predictions by top class", ["class"], registry=reg)
         self.unknown = Counter(f"{PREFIX}_unknown", "Predictions flagged unknown (out of distribution)", registry=reg)
@@ -56,6 +62,23 @@ class Metrics(BatchObserver):
 
     # HTTP side
 
+    def observe_requests(self, app: Flask) -> None:
+        """Time and count every request of `app` (route, status), and the rejections' error codes."""
+
+        @app.before_request
+        def _start_timer():
+            g.started = time.perf_counter()
+
+        @app.after_request
+        def _observe(response):
+            route = request.url_rule.rule if request.url_rule else "unmatched"
+            self.observe_request(
+                route, response.status_code, time.perf_counter() - g.get("started", time.perf_counter())
+            )
+            if "error_code" in g:
+                self.reject(g.error_code)
+            return response
+
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """Count one answered request and its latency."""
         key = (route, str(status))
@@ -68,6 +91,10 @@ class Metrics(BatchObserver):
     def reject(self, reason: str) -> None:
         """Count a refused request by reason (the error code)."""
         self.rejected.labels(reason).inc()
+
+    def body_timeout(self, route: str) -> None:
+        """Count a request whose body was cut off for arriving too slowly (answered 408, connection closed)."""
+        self.body_timeouts.labels(route).inc()
 
     def predicted(self, label: str, unknown: bool = False) -> None:
         """Count one prediction of `label`, and whether it was flagged unknown."""

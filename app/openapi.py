@@ -5,7 +5,7 @@ from __future__ import annotations
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from app import schemas, v2_codec
+from app import routes, schemas, v2_codec
 
 TITLE = "Pet classifier"
 ERROR = {"content": {"application/json": {"schema": "Error"}}}
@@ -22,13 +22,14 @@ def _errors(*statuses: int) -> dict:
     meaning = {
         400: "Bad input (invalid image, bad query, wrong field, invalid base64, too many files)",
         401: "Missing or invalid API key (only when API_KEYS is set)",
-        413: "Too many bytes (MAX_UPLOAD_MB) or pixels (MAX_IMAGE_PIXELS)",
+        408: "The body arrived slower than BODY_TIMEOUT_S + 1 s per BODY_MIN_RATE_KBPS KB (the connection is closed)",
+        413: "Too many bytes (MAX_UPLOAD_MB, chunked bodies too), multipart parts, or pixels (MAX_IMAGE_PIXELS)",
         415: "Unsupported content type or image format",
         501: "The model's architecture cannot be explained (Grad-CAM supports ResNet, MobileNet, EfficientNet,"
         " ConvNeXt)",
         503: "Not ready, queue full, or (for /explain) EXPLAIN_CONCURRENCY explanations already running;"
         " see Retry-After",
-        504: "REQUEST_TIMEOUT_S passed before the prediction ran",
+        504: "REQUEST_TIMEOUT_S passed before the answer was ready",
     }
     return {str(status): {"description": meaning[status], **ERROR} for status in statuses}
 
@@ -36,28 +37,28 @@ def _errors(*statuses: int) -> dict:
 def _predict_operation(summary: str, body: dict, response: str) -> dict:
     return {
         "summary": summary,
-        "parameters": [{"in": "query", "schema": schemas.PredictQuerySchema}],
+        "parameters": [{"in": "query", "schema": routes.PredictQuerySchema}],
         "requestBody": {"required": True, "content": body},
         "responses": {
             "200": {"description": "Predictions", "content": {"application/json": {"schema": response}}},
-            **_errors(400, 413, 415, 503, 504),
+            **_errors(400, 408, 413, 415, 503, 504),
         },
     }
 
 
 def _explain_operation(body: dict) -> dict:
     explained = {
-        "description": "The Grad-CAM heat map for the class, blended over the image at the image's own size"
-        " (PNG); with format=json, the prediction plus that PNG in base64",
+        "description": "The Grad-CAM heat map for the class, blended over the image at its own size, scaled down"
+        " to at most 1024 pixels on the long side (PNG); with format=json, the prediction plus that PNG in base64",
         "content": {"image/png": {"schema": _BINARY}, "application/json": {"schema": "Explanation"}},
     }
     return {
         "summary": "Explain one prediction: which part of the image drove the class's score (Grad-CAM)",
         "description": "Runs outside the micro-batcher, at most EXPLAIN_CONCURRENCY per worker at once; more"
         " concurrent explanations are answered 503 explain_busy with Retry-After, so /predict never waits for them.",
-        "parameters": [{"in": "query", "schema": schemas.ExplainQuerySchema}],
+        "parameters": [{"in": "query", "schema": routes.ExplainQuerySchema}],
         "requestBody": {"required": True, "content": body},
-        "responses": {"200": explained, **_errors(400, 413, 415, 501, 503)},
+        "responses": {"200": explained, **_errors(400, 408, 413, 415, 501, 503, 504)},
     }
 
 
@@ -133,7 +134,7 @@ def _v2_get(summary: str, schema: str, *statuses: int, parameters: tuple = ()) -
 
 def _v2_infer(parameters: tuple) -> dict:
     binary = {"application/octet-stream": {"schema": _BINARY}}
-    responses = _v2_responses("V2InferenceResponse", 400, 404, 413, 415, 503, 504)
+    responses = _v2_responses("V2InferenceResponse", 400, 404, 408, 413, 415, 503, 504)
     responses["200"]["content"] |= binary
     body = {"application/json": {"schema": "V2InferenceRequest"}, **binary}
     operation = {

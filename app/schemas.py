@@ -1,82 +1,15 @@
-"""Marshmallow schemas: they validate queries and bodies, serialise answers and generate the OpenAPI document."""
+"""Marshmallow schemas of the bodies and answers: they serialise the answers and generate the OpenAPI document.
+
+The query schemas live next to their routes (app/routes.py); the /model document is built here, by its schema.
+"""
 
 from __future__ import annotations
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates
+from marshmallow import Schema, fields
 
 from models.ood import DESCRIPTIONS
-from models.predictor import TTA_MODES
 
-DEFAULT_TOP_K = 5
-EXPLAIN_FORMATS = ("png", "json")
 _OOD_SCORES = "; ".join(f"`{name}`: {text}" for name, text in DESCRIPTIONS.items())
-
-
-class PredictQuerySchema(Schema):
-    """Query options of /predict and /predict/batch."""
-
-    class Meta:
-        unknown = EXCLUDE
-
-    top_k = fields.Integer(
-        load_default=None,
-        validate=validate.Range(min=1),
-        metadata={"description": f"How many classes to list in `top_k` (1..class count; default {DEFAULT_TOP_K})"},
-    )
-    include_probabilities = fields.Boolean(
-        load_default=True, metadata={"description": "Include `all_probabilities`, the map of every class"}
-    )
-    tta = fields.String(
-        load_default="none",
-        validate=validate.OneOf(TTA_MODES),
-        metadata={
-            "description": "Test-time augmentation: `flip` also classifies the mirrored image (a second batch item)"
-            " and averages the probabilities and OOD scores of both views"
-        },
-    )
-
-    def __init__(self, num_classes: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.num_classes = num_classes
-
-    @validates("top_k")
-    def _at_most_classes(self, value: int | None, data_key: str) -> None:
-        if value is not None and self.num_classes is not None and value > self.num_classes:
-            raise ValidationError(f"Must be at most the number of classes, {self.num_classes}.")
-
-    @post_load
-    def _default_top_k(self, data: dict, **_) -> dict:
-        if data["top_k"] is None:
-            data["top_k"] = min(DEFAULT_TOP_K, self.num_classes or DEFAULT_TOP_K)
-        return data
-
-
-class ExplainQuerySchema(PredictQuerySchema):
-    """Query options of /explain."""
-
-    class Meta:
-        unknown = EXCLUDE
-        exclude = ("tta", "include_probabilities")
-
-    class_ = fields.String(
-        data_key="class",
-        load_default=None,
-        metadata={"description": "The class to explain (a class name); default: the predicted class"},
-    )
-    format = fields.String(
-        load_default="png",
-        validate=validate.OneOf(EXPLAIN_FORMATS),
-        metadata={"description": "`png`: the heat-map image; `json`: the prediction plus the PNG in base64"},
-    )
-
-    def __init__(self, num_classes: int | None = None, class_names: list[str] | None = None, **kwargs):
-        super().__init__(num_classes=num_classes, **kwargs)
-        self.class_names = list(class_names or [])
-
-    @validates("class_")
-    def _known_class(self, value: str | None, data_key: str) -> None:
-        if value is not None and self.class_names and value not in self.class_names:
-            raise ValidationError(f"Unknown class {value!r}; valid: {', '.join(self.class_names)}.")
 
 
 class Base64ImageSchema(Schema):
@@ -205,3 +138,35 @@ class ModelInfoSchema(Schema):
     ready = fields.Boolean()
     explain_concurrency = fields.Integer(metadata={"description": "Explanations one worker runs at once"})
     batching = fields.Nested(BatchingSchema)
+
+
+def model_document(settings, ensemble, members: list[dict], device: str, ready: bool) -> dict:
+    """The served model and the serving settings, as ModelInfoSchema documents them (GET /model).
+
+    settings: app.config.Settings; ensemble: models.ensemble.Ensemble; members: extra facts per member (int8).
+    """
+    return {
+        "name": settings.model_name,
+        "version": ensemble.version,
+        "arch": ensemble.arch,
+        "head": ensemble.head,
+        "class_names": ensemble.class_names,
+        "num_classes": len(ensemble.class_names),
+        "preprocess": ensemble.preprocess,
+        "metrics": ensemble.metrics,
+        "calibration": ensemble.calibration(),
+        "ood": ensemble.ood(),
+        "members": [{**one, **extra} for one, extra in zip(ensemble.members(), members, strict=True)],
+        "device": device,
+        "precision": settings.precision,
+        "backend": settings.backend,
+        "ready": ready,
+        "explain_concurrency": settings.explain_concurrency,
+        "batching": {
+            "max_batch_size": settings.max_batch_size,
+            "max_batch_wait_ms": settings.max_batch_wait_ms,
+            "max_queue": settings.max_queue,
+            "request_timeout_s": settings.request_timeout_s,
+            "max_batch_files": settings.max_batch_files,
+        },
+    }

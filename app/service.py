@@ -1,4 +1,8 @@
-"""One worker's serving state: loads and warms the model before the worker takes requests, owns the batcher."""
+"""The concurrency layer of one worker: readiness, deadlines, the batcher and the explain gate around the handler.
+
+Loads and warms the model before the worker takes requests. Pre- and post-processing are the handler's
+(app/inference.py); HTTP (query schemas, documents, status codes) is the routes'.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 from flask import Flask
@@ -13,15 +18,16 @@ from flask import Flask
 from app.batching import BatcherStopped, DeadlineExceeded, MicroBatcher, QueueFull
 from app.config import Settings
 from app.errors import ApiError
-from app.inference import Classifier, build_classifier
+from app.inference import Handler, build_handler
 from app.metrics import Metrics
-from app.schemas import ExplainQuerySchema, PredictQuerySchema
 from models.ensemble import Ensemble
 from models.explain import ExplainError
-from models.images import ImageError
+from models.images import DecodeBusy
 from models.predictor import Output, average
 
 log = logging.getLogger(__name__)
+# (handler, seconds left) -> each image's views; the callable raises ApiError 504 once no time is left
+Prepare = Callable[[Handler, Callable[[], float]], list[list[torch.Tensor]]]
 EXTENSION = "petclf"  # the Service's key in app.extensions
 
 
@@ -38,11 +44,9 @@ class Service:
         self.bundle = bundle  # one bundle or several (MODEL_PATH=a.pt,b.pt); reads like a models.bundle.Bundle
         self.device = device
         self.metrics = metrics
-        self.query_schema = PredictQuerySchema(num_classes=len(bundle.class_names))
-        self.explain_schema = ExplainQuerySchema(num_classes=len(bundle.class_names), class_names=bundle.class_names)
         # /explain runs in the request thread, outside the batcher; this bounds how many run at once.
         self._explain_slots = threading.BoundedSemaphore(settings.explain_concurrency)
-        self.classifier: Classifier | None = None
+        self.handler: Handler | None = None
         self.batcher: MicroBatcher | None = None
         self.draining = threading.Event()
 
@@ -55,29 +59,28 @@ class Service:
         settings = self.settings
         # Only the batcher thread may own a multi-threaded OpenMP team: this thread builds the model on one thread,
         # the batcher sizes its own and warms up there. With a second team (this thread's, left by a warm-up here)
-        # libgomp counts more threads than cores and stops spinning at barriers: a ResNet-50 forward in the
-        # batcher thread took a median 138-143 ms instead of 100-127 ms (2 cores, GOMP_SPINCOUNT=10000).
+        # libgomp counts more threads than cores and stops spinning at barriers, which slows every forward pass.
         torch.set_num_threads(1)
-        classifier = build_classifier(settings, self.bundle, self.device)
+        handler = build_handler(settings, self.bundle, self.device)
 
         def warm_up() -> None:
             # Under ONNX Runtime alone its own pool (TORCH_THREADS intra-op threads) computes; torch only normalises
-            # and takes the softmax, on this one thread, so the two pools never spin against each other.
-            torch.set_num_threads(1 if classifier.onnx_only else settings.torch_threads)
+            # and takes the softmax, on this one thread, so the two pools never run side by side.
+            torch.set_num_threads(1 if handler.onnx_only else settings.torch_threads)
             started = time.perf_counter()
-            classifier.warmup(tuple(sorted({1, settings.max_batch_size})))
+            handler.warmup(tuple(sorted({1, settings.max_batch_size})))
             log.info("warm-up done in %.2fs", time.perf_counter() - started)
 
         self.batcher = MicroBatcher(
-            classifier.inference,
+            handler.inference,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_batch_wait_ms / 1000,
             max_queue=settings.max_queue,
             observer=self.metrics,
-            collate=classifier.collate,
+            collate=handler.collate,
         ).start(setup=warm_up)
-        self.classifier = classifier
-        self.metrics.set_model(self.bundle.version, self.bundle.arch, str(classifier.device))
+        self.handler = handler
+        self.metrics.set_model(self.bundle.version, self.bundle.arch, str(handler.device))
         return self
 
     def reasons(self) -> list[str]:
@@ -95,8 +98,8 @@ class Service:
         """Stop reporting ready and leave petclf_model_info; in-flight and queued requests still finish."""
         if not self.draining.is_set():
             log.info("draining: /readyz answers 503 from now on; in-flight requests finish")
-            if self.classifier is not None:
-                self.metrics.set_model(self.bundle.version, self.bundle.arch, str(self.classifier.device), live=False)
+            if self.handler is not None:
+                self.metrics.set_model(self.bundle.version, self.bundle.arch, str(self.handler.device), live=False)
         self.draining.set()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -105,7 +108,7 @@ class Service:
         if self.batcher is not None:
             self.batcher.stop(timeout)
 
-    # Prediction: preprocess -> batch -> postprocess -> metrics
+    # Prediction: preprocess (handler) -> batch -> postprocess (handler) -> metrics
 
     def predict(
         self,
@@ -121,105 +124,91 @@ class Service:
         `arrived` is when the server took the request (time.monotonic(); default now): REQUEST_TIMEOUT_S counts
         from then, so time spent waiting for a request thread under overload counts too.
         """
-        outputs = self.outputs(images, tta, arrived)
-        return [self.classifier.postprocess(output, top_k, include_probabilities) for output in outputs]
-
-    def outputs(self, images: list[bytes], tta: str = "none", arrived: float | None = None) -> list[Output]:
-        """Image bytes -> one Output per image (its views averaged), counted as predictions; ApiError/ImageError."""
-        deadline = self._deadline(arrived)
-        classifier, batcher = self._ready()
-        self._check_deadline(deadline)  # it waited for a thread past its deadline: answer at once, compute nothing
-        # Announced before decoding: a batch forming meanwhile waits for these items (up to MAX_BATCH_WAIT_MS).
-        with batcher.preparing(len(images) * (1 if tta == "none" else 2)):  # flip: two views per image
-            views = self._preprocess(classifier, images, tta)
-            rows = self._submit_all(batcher, [view for image_views in views for view in image_views], deadline)
-        rows = iter(self._results(rows, deadline))
-        return self._counted([average([next(rows) for _ in image_views]) for image_views in views])
+        views = 1 if tta == "none" else 2  # flip: two views per image
+        prepare: Prepare = lambda handler, left: handler.preprocess_all(images, tta, left)  # noqa: E731
+        outputs = self._run(len(images) * views, prepare, arrived)
+        return self._counted([self.handler.postprocess(output, top_k, include_probabilities) for output in outputs])
 
     def probabilities(self, images: list[bytes], arrived: float | None = None) -> torch.Tensor:
         """Image bytes -> (N, classes) calibrated probabilities in order, counted; raises ApiError or ImageError."""
-        return torch.cat([output.probs for output in self.outputs(images, arrived=arrived)])
+        outputs = self._run(len(images), lambda handler, left: handler.preprocess_all(images, time_left=left), arrived)
+        return self._probabilities(outputs)
 
     def pixel_probabilities(self, pixels: torch.Tensor, arrived: float | None = None) -> torch.Tensor:
-        """Preprocessed (N, 3, crop, crop) float32 pixels -> (N, classes) probabilities, counted; raises ApiError."""
+        """Preprocessed (N, 3, crop, crop) float32 pixels (checked by the v2 codec) -> (N, classes) probabilities,
+        counted; raises ApiError."""
+        return self._probabilities(self._run(len(pixels), lambda _, __: [[row] for row in pixels], arrived))
+
+    def _run(self, items: int, prepare: Prepare, arrived: float | None) -> list[Output]:
+        """One Output per image (its views averaged): `prepare` gives each image's views, the batcher computes them.
+
+        `prepare` gets the handler and a callable giving the seconds left (ApiError 504 when none are left).
+        """
         deadline = self._deadline(arrived)
-        _, batcher = self._ready()
-        self._check_pixels(pixels)
-        with batcher.preparing(len(pixels)):
-            futures = self._submit_all(batcher, list(pixels), deadline)
-        outputs = self._counted(self._results(futures, deadline))
+        handler, batcher = self._ready()
+        self._check_deadline(deadline)  # it waited for a thread past its deadline: answer at once, compute nothing
+        # Announced before preparing: a batch forming meanwhile waits for these items (up to MAX_BATCH_WAIT_MS).
+        with batcher.preparing(items):
+            try:
+                views = prepare(handler, lambda: self._check_deadline(deadline))
+            except DecodeBusy as error:  # no decode room freed up before the deadline
+                raise self._timeout() from error
+            futures = self._submit_all(batcher, [view for image_views in views for view in image_views], deadline)
+        rows = iter(self._results(futures, deadline))
+        return [average([next(rows) for _ in image_views]) for image_views in views]
+
+    def _probabilities(self, outputs: list[Output]) -> torch.Tensor:
+        self._counted([self.handler.postprocess(output, 1, include_probabilities=False) for output in outputs])
         return torch.cat([output.probs for output in outputs])
 
     def _deadline(self, arrived: float | None) -> float:
         return (time.monotonic() if arrived is None else arrived) + self.settings.request_timeout_s
 
-    def _check_pixels(self, pixels: torch.Tensor) -> None:
-        crop = self.bundle.preprocess["crop"]
-        expected = [3, crop, crop]
-        if pixels.dtype != torch.float32:
-            raise ApiError("invalid_tensor", f"pixels must be float32, got {str(pixels.dtype).removeprefix('torch.')}")
-        if pixels.dim() != 4 or list(pixels.shape[1:]) != expected or not len(pixels):
-            raise ApiError(
-                "invalid_tensor",
-                f"pixels must have shape [N, 3, {crop}, {crop}] with N >= 1 (the bundle's preprocess: "
-                f"resize {self.bundle.preprocess['resize']}, centre crop {crop}, normalised), got {list(pixels.shape)}",
-            )
-        if not torch.isfinite(pixels).all():
-            raise ApiError("invalid_tensor", "pixels must be finite numbers (no NaN or infinity)")
+    def _counted(self, documents: list[dict]) -> list[dict]:
+        """Count each prediction document's class and unknown flag (as postprocess computed them)."""
+        for document in documents:
+            self.metrics.predicted(document["predicted_class"], document["unknown"])
+        return documents
 
-    def _counted(self, outputs: list[Output]) -> list[Output]:
-        """Count each image's top class (the first maximum, as top_k ranks ties) and unknown flag."""
-        predictor = self.classifier.predictor
-        for output in outputs:
-            score = None if output.ood_scores is None else output.ood_scores[0].item()
-            label = self.bundle.class_names[int(output.probs[0].argmax())]
-            self.metrics.predicted(label, predictor.is_unknown(score))
-        return outputs
+    def explain(
+        self, image: bytes, class_name: str | None = None, top_k: int = 5, arrived: float | None = None
+    ) -> tuple[bytes, dict]:
+        """Grad-CAM of one image: (PNG of the heat over the image, the prediction); ApiError when busy or late.
 
-    def explain(self, image: bytes, class_name: str | None = None, top_k: int = 5) -> tuple[bytes, dict]:
-        """Grad-CAM of one image: (PNG of the heat over the image, the prediction); ApiError when busy.
-
-        Runs in the calling thread, never in the batcher, at most EXPLAIN_CONCURRENCY at a time per worker.
+        Runs in the calling thread, never in the batcher, at most EXPLAIN_CONCURRENCY at a time per worker;
+        REQUEST_TIMEOUT_S (from `arrived`) is checked between its steps (decode, Grad-CAM, overlay): 504 past it.
         """
-        classifier, _ = self._ready()
+        deadline = self._deadline(arrived)
+        handler, _ = self._ready()
         if not self._explain_slots.acquire(blocking=False):
             limit = self.settings.explain_concurrency
             raise ApiError("explain_busy", f"{limit} explanation(s) already running (EXPLAIN_CONCURRENCY={limit})")
         try:
-            png, result = classifier.explain(image, class_name, top_k)
+            png, result = handler.explain(image, class_name, top_k, lambda: self._check_deadline(deadline))
         except ExplainError as error:
             raise ApiError("explain_unsupported", str(error)) from error
+        except DecodeBusy as error:
+            raise self._timeout() from error
         finally:
             self._explain_slots.release()
         return png, result
 
-    def _ready(self) -> tuple[Classifier, MicroBatcher]:
+    def _ready(self) -> tuple[Handler, MicroBatcher]:
         # A draining worker still predicts: requests already on their way must be answered.
-        classifier, batcher = self.classifier, self.batcher
-        if classifier is None or batcher is None or not batcher.alive:
+        handler, batcher = self.handler, self.batcher
+        if handler is None or batcher is None or not batcher.alive:
             raise ApiError("not_ready", "; ".join(self.reasons()) or "the batcher stopped")
-        return classifier, batcher
+        return handler, batcher
 
     def _check_deadline(self, deadline: float) -> float:
         """Seconds left before `deadline`; raises ApiError("timeout") when none are."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            limit = self.settings.request_timeout_s
-            raise ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={limit}s")
+            raise self._timeout()
         return remaining
 
-    @staticmethod
-    def _preprocess(classifier: Classifier, images: list[bytes], tta: str) -> list[list[torch.Tensor]]:
-        """Each image's views as uint8 pixels; ImageError names the image's position in a batch."""
-        if len(images) == 1:
-            return [classifier.preprocess(images[0], tta)]
-        views = []
-        for index, data in enumerate(images):
-            try:
-                views.append(classifier.preprocess(data, tta))
-            except ImageError as error:
-                raise type(error)(f"image {index}: {error}") from error
-        return views
+    def _timeout(self) -> ApiError:
+        return ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={self.settings.request_timeout_s}s")
 
     def _submit_all(
         self, batcher: MicroBatcher, tensors: list[torch.Tensor], deadline: float
@@ -240,44 +229,13 @@ class Service:
         try:
             return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except (concurrent.futures.TimeoutError, DeadlineExceeded) as error:
-            limit = self.settings.request_timeout_s
-            raise ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={limit}s") from error
+            raise self._timeout() from error
         except BatcherStopped as error:
             raise ApiError("not_ready", str(error)) from error
         finally:
             for future in futures:
                 future.cancel()  # no-op for finished ones; queued ones are skipped, not computed
 
-    def _member_info(self) -> list[dict]:
-        if self.classifier is None:
-            return [{} for _ in self.bundle.bundles]
-        return self.classifier.member_info()
-
-    def model_info(self) -> dict:
-        """The served model and the serving settings (GET /model)."""
-        settings, bundle = self.settings, self.bundle
-        return {
-            "name": settings.model_name,
-            "version": bundle.version,
-            "arch": bundle.arch,
-            "head": bundle.head,
-            "class_names": bundle.class_names,
-            "num_classes": len(bundle.class_names),
-            "preprocess": bundle.preprocess,
-            "metrics": bundle.metrics,
-            "calibration": bundle.calibration(),
-            "ood": bundle.ood(),
-            "members": [{**one, **extra} for one, extra in zip(bundle.members(), self._member_info(), strict=True)],
-            "device": str(self.device),
-            "precision": settings.precision,
-            "backend": settings.backend,
-            "ready": not self.reasons(),
-            "explain_concurrency": settings.explain_concurrency,
-            "batching": {
-                "max_batch_size": settings.max_batch_size,
-                "max_batch_wait_ms": settings.max_batch_wait_ms,
-                "max_queue": settings.max_queue,
-                "request_timeout_s": settings.request_timeout_s,
-                "max_batch_files": settings.max_batch_files,
-            },
-        }
+    def member_info(self) -> list[dict]:
+        """Per member, what serves it (the int8 file under PRECISION=int8), once the model is built."""
+        return self.handler.member_info() if self.handler is not None else [{} for _ in self.bundle.bundles]

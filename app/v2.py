@@ -17,6 +17,12 @@ from app.v2_codec import (
     EXTENSIONS,
     HEADER_LENGTH,
     ModelSpec,
+    V2ErrorSchema,
+    V2LiveSchema,
+    V2ModelMetadataSchema,
+    V2ModelReadySchema,
+    V2ReadySchema,
+    V2ServerMetadataSchema,
     decode_request,
     encode_response,
     request_id,
@@ -28,6 +34,8 @@ EXTENSION = "petclf.v2"  # app.extensions key: the ModelSpec and the metadata an
 SERVER_NAME = "pet-classifier-service"
 PLATFORM = "pytorch"
 bp = Blueprint("v2", __name__, url_prefix=PREFIX)
+# Every answer is serialised by the schema the OpenAPI document shows for it.
+_live, _ready, _model_ready, _error_schema = V2LiveSchema(), V2ReadySchema(), V2ModelReadySchema(), V2ErrorSchema()
 
 
 def _package_version() -> str:
@@ -47,12 +55,17 @@ def register(app: Flask) -> None:
         crop=bundle.preprocess["crop"],
         class_names=tuple(bundle.class_names),
         max_images=settings.max_batch_files,
+        resize=bundle.preprocess["resize"],
     )
     app.extensions[EXTENSION] = {
         "spec": spec,
-        "server": {"name": SERVER_NAME, "version": _package_version(), "extensions": list(EXTENSIONS)},
-        "model": {"name": spec.name, "versions": [spec.version], "platform": PLATFORM, "inputs": spec.inputs,
-                  "outputs": spec.outputs},
+        "server": V2ServerMetadataSchema().dump(
+            {"name": SERVER_NAME, "version": _package_version(), "extensions": list(EXTENSIONS)}
+        ),
+        "model": V2ModelMetadataSchema().dump(
+            {"name": spec.name, "versions": [spec.version], "platform": PLATFORM, "inputs": spec.inputs,
+             "outputs": spec.outputs}
+        ),
     }  # fmt: skip
     register_error_form(app, PREFIX, _error)
     app.register_blueprint(bp)
@@ -62,7 +75,7 @@ def _error(status: int, message: str) -> Response:
     body = {"error": message}
     if g.get("v2_request_id") is not None:
         body["id"] = g.v2_request_id
-    response = jsonify(body)
+    response = jsonify(_error_schema.dump(body))
     response.status_code = status
     return response
 
@@ -100,7 +113,7 @@ def server_metadata():
 @bp.get("/health/live")
 def live():
     """The process answers."""
-    return jsonify({"live": True})
+    return jsonify(_live.dump({"live": True}))
 
 
 @bp.get("/health/ready")
@@ -109,7 +122,7 @@ def ready():
     reasons = _service().reasons()
     if reasons:
         raise _not_ready(reasons)
-    return jsonify({"ready": True})
+    return jsonify(_ready.dump({"ready": True}))
 
 
 @bp.get("/models/<model_name>")
@@ -128,7 +141,7 @@ def model_ready(model_name: str, model_version: str | None = None):
     reasons = _service().reasons()
     if reasons:
         raise _not_ready(reasons)
-    return jsonify({"name": spec.name, "ready": True})
+    return jsonify(_model_ready.dump({"name": spec.name, "ready": True}))
 
 
 @bp.post("/models/<model_name>/infer")
@@ -140,7 +153,7 @@ def infer(model_name: str, model_version: str | None = None):
     if encoding != "identity":
         message = f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
         raise ApiError("unsupported_media_type", message)
-    document, binary = split_body(request.get_data(cache=False), request.headers.get(HEADER_LENGTH))
+    document, binary = split_body(request.get_data(cache=False), request.headers.get(HEADER_LENGTH), spec)
     g.v2_request_id = request_id(document)
     parsed = decode_request(document, binary, spec)
     service = _service()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ IMAGE, PIXELS, PROBABILITIES = "image", "pixels", "probabilities"
 EXTENSIONS = ("binary_tensor_data", "classification")
 _LENGTH = struct.Struct("<I")  # BYTES elements in binary form: a 4-byte little-endian length, then the bytes
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')  # a JSON string, escapes included
+# Values a request may hold beyond its tensor data (keys, shapes, parameters, outputs).
+_STRUCTURE_VALUES = 256
 
 
 # Schemas: they validate the JSON part of requests, serialise answers and feed the OpenAPI document.
@@ -113,6 +117,7 @@ class V2InferenceResponseSchema(Schema):
 
 
 _request_schema = V2InferenceRequestSchema()
+_response_schema = V2InferenceResponseSchema()
 
 
 # Decoded requests
@@ -127,6 +132,12 @@ class ModelSpec:
     crop: int
     class_names: tuple[str, ...]
     max_images: int
+    resize: int  # the bundle's resize before the centre crop (the pixels' error message names it)
+
+    @property
+    def max_values(self) -> int:
+        """The most JSON values an acceptable request holds: a full batch of pixels, plus its structure."""
+        return self.max_images * 3 * self.crop * self.crop + _STRUCTURE_VALUES
 
     @property
     def inputs(self) -> list[dict]:
@@ -172,8 +183,31 @@ def _messages(errors: dict | list, path: str = "") -> list[str]:
     return [f"{path.rstrip('.')}: {message}" for message in errors]
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
-    """The request's JSON object and the binary tensor data after it; raises ApiError."""
+def _check_value_count(text: bytes, spec: ModelSpec) -> None:
+    """Refuse, before parsing, JSON that holds more values than any request to `spec`'s model can use.
+
+    Counted on the bytes, at memchr speed: strings >= unescaped quotes / 2; array elements >= commas - colons
+    outside strings (an object of k members has k colons and k - 1 commas). json.loads of 10 MB of such values
+    cost 0.4-1.8 s and +90-170 MB before the shape was compared (issue 21).
+    """
+    strings = (text.count(b'"') - text.count(b'\\"')) // 2
+    if strings > spec.max_images + _STRUCTURE_VALUES:
+        most = spec.max_images
+        raise _invalid(f"the request holds at least {strings} strings; this model takes at most {most} images")
+    skeleton = _STRING.sub(b'""', text)  # few strings (checked above): fast
+    values = skeleton.count(b",") - skeleton.count(b":")
+    if values > spec.max_values:
+        raise _invalid(
+            f"the request holds at least {values} values; at most {spec.max_values} fit MAX_BATCH_FILES="
+            f"{spec.max_images} images of [3, {spec.crop}, {spec.crop}] pixels"
+        )
+
+
+def split_body(body: bytes, header_length: str | None, spec: ModelSpec | None = None) -> tuple[dict, memoryview]:
+    """The request's JSON object and the binary tensor data after it; raises ApiError.
+
+    With `spec`, JSON holding more values than any request to that model can use is refused before parsing.
+    """
     binary = memoryview(b"")
     if header_length is not None:
         try:
@@ -183,6 +217,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview
         if not 0 < length <= len(body):
             raise _invalid(f"{HEADER_LENGTH}={header_length!r} must be an integer in [1, {len(body)}] (the body size)")
         body, binary = body[:length], memoryview(body)[length:]
+    if spec is not None:
+        _check_value_count(body, spec)
     try:
         document = json.loads(body)
     except RecursionError as error:
@@ -259,9 +295,11 @@ def _tensor_data(tensor: dict, binary: memoryview) -> object:
     return binary
 
 
-def _flat(data: object, tensor: dict) -> list:
-    """Row-major elements of flat or nested JSON tensor data (nested at most as deep as the tensor's rank)."""
+def _flat(data: object, tensor: dict, count: int) -> list:
+    """Row-major elements of flat or nested JSON tensor data (nested at most as deep as the tensor's rank),
+    counted against the shape's `count` before any list is built."""
     elements = data if isinstance(data, list) else [data]
+    _count(elements, tensor, count)
     for _ in range(len(tensor["shape"])):  # each pass removes one level of nesting; no recursion
         if not any(isinstance(element, list) for element in elements):
             return elements
@@ -269,11 +307,27 @@ def _flat(data: object, tensor: dict) -> list:
     raise _invalid(f"input '{tensor['name']}' data is nested deeper than its shape {tensor['shape']}")
 
 
+def _count(elements: list, tensor: dict, count: int) -> None:
+    """Walk nested lists (no copies), refusing as soon as more leaves than `count` or deeper nesting show up."""
+    stack, leaves, rank = [(elements, 0)], 0, len(tensor["shape"])
+    while stack:
+        items, depth = stack.pop()
+        for item in items:
+            if not isinstance(item, list):
+                leaves += 1
+            elif depth + 1 >= rank:
+                raise _invalid(f"input '{tensor['name']}' data is nested deeper than its shape {tensor['shape']}")
+            else:
+                stack.append((item, depth + 1))
+        if leaves > count:
+            raise _invalid(f"input '{tensor['name']}' has shape {tensor['shape']} ({count} elements) but holds more")
+
+
 def _images(tensor: dict, binary: memoryview, spec: ModelSpec) -> list[bytes]:
     _check_datatype(tensor, "BYTES")
     count = _batch_size(tensor, 1, spec)
     data = _tensor_data(tensor, binary)
-    elements = _unpack_bytes(data) if isinstance(data, memoryview) else _flat(data, tensor)
+    elements = _unpack_bytes(data) if isinstance(data, memoryview) else _flat(data, tensor, count)
     if len(elements) != count:
         raise _invalid(f"input '{IMAGE}' has shape {tensor['shape']} but holds {len(elements)} elements")
     if isinstance(data, memoryview):
@@ -305,7 +359,12 @@ def _unpack_bytes(data: memoryview) -> list[bytes]:
 def _pixels(tensor: dict, binary: memoryview, spec: ModelSpec) -> torch.Tensor:
     _check_datatype(tensor, "FP32")
     _batch_size(tensor, 4, spec)
-    shape = tensor["shape"]  # [N, 3, crop, crop] is the Service's check, against the bundle's preprocess
+    shape = tensor["shape"]
+    if shape[1:] != [3, spec.crop, spec.crop]:
+        raise _invalid(
+            f"pixels must have shape [N, 3, {spec.crop}, {spec.crop}] with N >= 1 (the bundle's preprocess: "
+            f"resize {spec.resize}, centre crop {spec.crop}, normalised), got {shape}"
+        )
     data = _tensor_data(tensor, binary)
     count = math.prod(shape)
     if isinstance(data, memoryview):
@@ -313,12 +372,14 @@ def _pixels(tensor: dict, binary: memoryview, spec: ModelSpec) -> torch.Tensor:
             raise _invalid(f"input '{PIXELS}' of shape {shape} needs {count * 4} bytes of FP32 data, got {len(data)}")
         array = np.frombuffer(data, dtype="<f4").astype(np.float32)  # a writable, native-order copy
     else:
-        array = np.asarray(_flat(data, tensor))
+        array = np.asarray(_flat(data, tensor, count))
         if array.dtype.kind not in "iuf" or array.ndim != 1:
             raise _invalid(f"input '{PIXELS}' data must be numbers")
         if array.size != count:
             raise _invalid(f"input '{PIXELS}' has shape {shape} ({count} elements) but holds {array.size}")
         array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise _invalid("pixels must be finite numbers (no NaN or infinity)")
     return torch.from_numpy(array.reshape(shape))
 
 
@@ -365,7 +426,7 @@ def encode_response(
     if request.id is not None:
         document["id"] = request.id
     document["outputs"] = outputs
-    header = json.dumps(document, separators=(",", ":")).encode()
+    header = json.dumps(_response_schema.dump(document), separators=(",", ":")).encode()
     if not chunks:
         return header, {"Content-Type": "application/json"}
     return header + b"".join(chunks), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}

@@ -85,9 +85,15 @@ class Ensemble:
         return {"score": "+".join(scores), "combine": ENSEMBLE_OOD, "threshold": 0.0, "direction": DIRECTION}
 
     def members(self) -> list[dict]:
-        """Each member's path, version, architecture, metrics and calibration (GET /model)."""
+        """Each member's file name (not its path on the server), version, architecture, metrics and calibration."""
         return [
-            {"path": b.path, "version": b.version, "arch": b.arch, "metrics": b.metrics, "calibration": b.calibration}
+            {
+                "path": os.path.basename(b.path),
+                "version": b.version,
+                "arch": b.arch,
+                "metrics": b.metrics,
+                "calibration": b.calibration,
+            }
             for b in self.bundles
         ]
 

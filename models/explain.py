@@ -27,6 +27,9 @@ FAMILIES = ("resnet", "mobilenet", "efficientnet", "convnext")  # what the split
 # 2x2 last stage: median 1.24, hotter on the shape for 78%; 4x4: 2.60, 96%; 8x8: 1.80, 78%.
 MIN_MAP_SIZE = 4
 HEAT_ALPHA = 0.6  # opacity of the hottest pixels over the image
+# The overlay's long side at most: the picture is decoded fitted to this, never at its full size. The blend costs
+# about 40 bytes a pixel (float32 planes): 40 MB at 1024x1024, where a 6324x6324 original cost 2.4 GB (issue 21).
+OVERLAY_MAX_SIDE = 1024
 
 
 class ExplainError(ValueError):

@@ -13,10 +13,6 @@ from torch import nn
 
 DEFAULT_ARCH = "resnet50"
 WEIGHT_CHOICES = ("none", "imagenet", "<path to a state-dict file>")
-HEAD_GROUP = "head"
-REST_GROUP = "rest"
-RESNET_GROUPS = (HEAD_GROUP, "layer4", "layer3", REST_GROUP)
-FEATURES_GROUPS = (HEAD_GROUP, "features-late", "features-mid", REST_GROUP)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -175,89 +171,3 @@ class PetClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (batch, num_classes)."""
         return self.head(self.backbone(x))
-
-    # Layer groups, from the output towards the input: the order gradual unfreezing follows.
-
-    def group_names(self) -> tuple[str, ...]:
-        """Layer-group names, head first."""
-        return RESNET_GROUPS if hasattr(self.backbone, "layer4") else FEATURES_GROUPS
-
-    def layer_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by layer group; every parameter belongs to exactly one group."""
-        modules = self._group_modules()
-        claimed = {id(p) for mods in modules.values() for m in mods for p in m.parameters()}
-        groups = {name: [p for m in mods for p in m.parameters()] for name, mods in modules.items()}
-        groups[REST_GROUP] = [p for p in self.backbone.parameters() if id(p) not in claimed]
-        return groups
-
-    def _group_modules(self) -> dict[str, list[nn.Module]]:
-        if hasattr(self.backbone, "layer4"):
-            return {HEAD_GROUP: [self.head], "layer4": [self.backbone.layer4], "layer3": [self.backbone.layer3]}
-        blocks = list(getattr(self.backbone, "features", nn.Sequential()).children())
-        leftover = [getattr(self.backbone, self.classifier_attr)]
-        if len(blocks) < 4:
-            return {HEAD_GROUP: [self.head], "features-late": leftover, "features-mid": []}
-        quarter = max(1, len(blocks) // 4)
-        return {
-            HEAD_GROUP: [self.head],
-            "features-late": leftover + blocks[-quarter:],
-            "features-mid": blocks[-2 * quarter : -quarter],
-        }
-
-    def _check_groups(self, names) -> None:
-        unknown = [n for n in names if n not in self.group_names()]
-        if unknown:
-            raise ValueError(f"unknown layer group(s) {unknown} for {self.arch}; valid: {list(self.group_names())}")
-
-    def set_trainable(self, names) -> None:
-        """Make exactly the named layer groups trainable; freeze everything else."""
-        names = list(names)
-        self._check_groups(names)
-        for group, params in self.layer_groups().items():
-            for param in params:
-                param.requires_grad_(group in names)
-
-    def freeze_backbone(self) -> None:
-        """Feature extraction: only the head trains."""
-        self.set_trainable([HEAD_GROUP])
-
-    def unfreeze(self, *names: str) -> None:
-        """Additionally make the named layer groups trainable."""
-        self._check_groups(names)
-        groups = self.layer_groups()
-        for name in names:
-            for param in groups[name]:
-                param.requires_grad_(True)
-
-    def unfreeze_all(self) -> None:
-        """Full fine-tuning: every parameter trains."""
-        self.set_trainable(self.group_names())
-
-    def trainable_groups(self) -> list[str]:
-        """Names of the groups with at least one trainable parameter."""
-        return [name for name, params in self.layer_groups().items() if any(p.requires_grad for p in params)]
-
-    def param_groups(
-        self, base_lr: float, lr_mults: dict[str, float] | None = None, weight_decay: float = 0.0
-    ) -> list[dict]:
-        """Optimizer parameter groups: trainable parameters only, lr = base_lr * the group's multiplier."""
-        lr_mults = dict(lr_mults or {})
-        self._check_groups(lr_mults)
-        result = []
-        for name, params in self.layer_groups().items():
-            trainable = [p for p in params if p.requires_grad]
-            if trainable:
-                lr = base_lr * lr_mults.get(name, 1.0)
-                result.append({"params": trainable, "lr": lr, "weight_decay": weight_decay, "name": name})
-        return result
-
-    def train(self, mode: bool = True) -> PetClassifier:
-        """Like nn.Module.train, but batch-norm layers whose parameters are all frozen stay in eval mode."""
-        super().train(mode)
-        if mode:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    params = list(module.parameters(recurse=False))
-                    if params and not any(p.requires_grad for p in params):
-                        module.eval()
-        return self

@@ -4,9 +4,13 @@ Overload: N keep-alive clients (default 256) for S seconds (default 120) against
 get exactly one answer (200, 503 with Retry-After, or 504), accepted ones within REQUEST_TIMEOUT_S; reports
 worker RSS and how fast latency is back to normal. Reload scenarios, 2 workers under 8 keep-alive clients:
 HUP with the same bundle, HUP after replacing the bundle atomically, kill -9 of a worker, max_requests recycling.
+Worst case (issue 21): THREADS clients at once, each posting the costliest image MAX_IMAGE_PIXELS allows (a
+deflated float32 TIFF) --worst-rounds times, to one worker: every answer 200/413/503/504, the worker alive, its
+peak resident memory under the ceiling docs/security.md states.
 
     python -m scripts.soak --model models/pet_classifier.pt                 # both (about 4 minutes)
     python -m scripts.soak --model models/pet_classifier.pt --only reload --json soak.json
+    python -m scripts.soak --model models/pet_classifier.pt --only worst-case --threads 40
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("MODEL_PATH", DEFAULT_BUNDLE_PATH), help="bundle to serve")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="JPEG the clients post")
-    parser.add_argument("--only", choices=("overload", "reload"), help="run one part only")
+    parser.add_argument("--only", choices=("overload", "reload", "worst-case"), help="run one part only")
     parser.add_argument("--clients", type=int, default=256, help="overload: concurrent keep-alive clients")
     parser.add_argument("--seconds", type=float, default=120, help="overload: how long")
     parser.add_argument("--recycle-seconds", type=float, default=20, help="reload: max_requests recycling run")
     parser.add_argument("--threads", type=int, default=16, help="THREADS per worker")
     parser.add_argument("--request-timeout", type=float, default=10, help="REQUEST_TIMEOUT_S")
+    parser.add_argument("--worst-rounds", type=int, default=3, help="worst-case: requests per client")
     parser.add_argument("--log", type=Path, default=Path("soak-server.log"), help="the servers' combined log")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser
@@ -60,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as workdir:
             reloads = soak.reload_scenarios(args.model, data, workdir, env, str(args.log), args.recycle_seconds)
         results.update(reloads)
+    if args.only in (None, "worst-case"):
+        results["worst_case"] = soak.worst_case_run(args.model, env, str(args.log), args.threads, args.worst_rounds)
     for name, result in results.items():
         print(json.dumps({"scenario": name, **result}))
     if args.json:

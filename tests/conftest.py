@@ -13,12 +13,11 @@ from models.bundle import save_bundle
 from models.pet_classifier import PetClassifier
 from models.training.demo_data import CLASSES, make_demo_data
 from models.transforms import default_preprocess
+from tests.helpers import PHOTOS
 
 # Fixtures owned by the service, training and browser test suites.
 pytest_plugins = ["tests.fixtures.server", "tests.fixtures.training", "tests.fixtures.browser"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = REPO_ROOT / "tests" / "data"
 TINY_ARCH = "resnet18"
 TINY_IMAGE_SIZE = 64
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from openapi_spec_validator import validate
 
-from app.auth import bearer_token, key_matches
+from app import get_service
+from app.auth import bearer_token, key_matches, public_endpoints
 from app.config import ConfigError, load_settings
 
 KEY = "0123456789abcdef-key-one"
@@ -88,7 +91,7 @@ def test_any_configured_key_opens_protected_routes(keyed, cat_jpeg):
 
 def test_probes_and_docs_stay_open_and_metrics_follow_metrics_public(keyed, app_factory):
     client = keyed.test_client()
-    for path in ("/livez", "/readyz", "/openapi.json", "/metrics"):
+    for path in ("/livez", "/readyz", "/v2/health/live", "/v2/health/ready", "/openapi.json", "/metrics"):
         assert client.get(path).status_code == 200, path
     assert client.get("/model").status_code == 401
     assert 'petclf_rejected_requests_total{reason="unauthorized"} 1.0' in client.get("/metrics").get_data(as_text=True)
@@ -118,3 +121,11 @@ def test_openapi_documents_the_bearer_scheme(keyed):
     assert "401" in spec["paths"]["/predict"]["post"]["responses"]
     assert "security" not in spec["paths"]["/readyz"]["get"]
     assert "security" not in spec["paths"]["/metrics"]["get"]
+
+
+def test_docs_list_every_public_route(keyed):
+    # docs/security.md is where users learn what answers without a key; a route made public must be listed there.
+    documented = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    public = public_endpoints(get_service(keyed).settings)
+    rules = {rule.rule for rule in keyed.url_map.iter_rules() if rule.endpoint in public and "<" not in rule.rule}
+    assert rules and all(f"`GET {rule}`" in documented for rule in rules), rules

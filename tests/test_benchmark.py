@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.training.throughput import model_throughput
-from tests.conftest import PHOTOS, REPO_ROOT
+from tests.helpers import PHOTOS, REPO_ROOT
 from tools.loadgen import closed_loop
 
 

@@ -16,7 +16,7 @@ from models.training.calibration import expected_calibration_error, fit_bundle, 
 from models.training.data import ImageList, discover, make_loader
 from models.training.evaluation import evaluate_bundle
 from models.transforms import default_preprocess, eval_transform
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 CPU = Runtime(torch.device("cpu"))
 

@@ -25,7 +25,7 @@ from app.inference import serving_device
 from models.settings import between, declared, setting, variables
 from models.training.config import TrainConfig
 from models.transforms import default_preprocess
-from tests.fixtures.server import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 def test_defaults():
@@ -100,6 +100,9 @@ def test_torch_threads_split_cores_between_workers():
         ("MODEL_PATH", "a.pt,a.pt", "listed more than once"),
         ("EXPLAIN_CONCURRENCY", "0", "[1, 64]"),
         ("UI_ENABLED", "maybe", "true, 1, yes, on, false"),
+        ("DECODE_BUDGET_MB", "0", "[1, "),
+        ("BODY_TIMEOUT_S", "never", "number"),
+        ("BODY_MIN_RATE_KBPS", "0", "number"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, hint):

@@ -19,30 +19,14 @@ import yaml
 
 from models.bundle import load_bundle
 from models.graphs import graph_path
-from tests.conftest import REPO_ROOT
-from tests.fixtures.server import free_port
+from tests.helpers import DOCKERFILE, REPO_ROOT, dockerfile_instructions
+from tools.harness import free_port
 
-DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 GPU_COMPOSE = REPO_ROOT / "docker-compose.gpu.yml"
 PROMETHEUS = REPO_ROOT / "deploy" / "prometheus.yml"
 CANONICAL_COMMAND = ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
 VENV_BIN = str(Path(sys.executable).parent)
-
-
-def dockerfile_instructions(stage: str | None = None) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined; only `stage` when given."""
-    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
-    pairs, current = [], None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        keyword, _, rest = line.strip().partition(" ")
-        if keyword.upper() == "FROM":
-            current = rest.split(" AS ")[-1].strip() if " AS " in rest else None
-        if stage is None or current == stage:
-            pairs.append((keyword.upper(), rest.strip()))
-    return pairs
 
 
 def runtime(keyword: str) -> list[str]:

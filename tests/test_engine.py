@@ -10,7 +10,7 @@ from models.pet_classifier import PetClassifier
 from models.runtime import Runtime, resolve_amp
 from models.training.data import ImageList, discover, make_loader
 from models.training.engine import evaluate, make_scaler, train_one_epoch
-from models.training.strategies import LRSchedule, build_optimizer
+from models.training.strategies import LRSchedule, build_optimizer, set_trainable
 from models.transforms import default_preprocess, eval_transform
 
 CPU = Runtime(torch.device("cpu"))
@@ -37,7 +37,7 @@ def test_evaluate_counts_every_image_once(loaders):
 def test_train_one_epoch_moves_only_trainable_parameters(loaders):
     torch.manual_seed(0)
     model = PetClassifier(3, arch="resnet18", head={"hidden": 0})
-    model.freeze_backbone()
+    set_trainable(model, ["head"])
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = build_optimizer(model, "adamw", 1e-3, {}, 0.0)
     schedule = LRSchedule("none", epochs=1, steps_per_epoch=len(loaders[0]))

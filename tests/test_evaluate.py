@@ -14,7 +14,7 @@ from models.ensemble import load_ensemble
 from models.pet_classifier import PetClassifier
 from models.training.evaluation import evaluate_bundle
 from models.transforms import default_preprocess
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from tests.numerics import most_flagged
 
 pytestmark = [pytest.mark.slow, pytest.mark.numerics]

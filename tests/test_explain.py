@@ -21,7 +21,7 @@ from models.predictor import Member, Predictor
 from models.runtime import Runtime
 from models.training.demo_data import CLASSES, examples
 from models.transforms import eval_transform
-from tests.fixtures.server import reference_probabilities
+from tests.helpers import reference_probabilities
 
 CPU = Runtime(torch.device("cpu"))
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from models.images import (
+    DecodeBudget,
+    DecodeBusy,
     ImageTooLarge,
     InvalidImage,
     UnsupportedImageFormat,
@@ -113,3 +116,27 @@ def test_load_image_names_the_file(tmp_path):
     path.write_bytes(b"nope")
     with pytest.raises(InvalidImage, match="broken.jpg: cannot identify"):
         load_image(path)
+
+
+def test_a_spent_decode_budget_makes_a_decode_wait_then_give_up(cat_jpeg):
+    budget = DecodeBudget(1000)
+    with budget.hold(1000), pytest.raises(DecodeBusy):  # not InvalidImage: the service answers 504, not 400
+        decode_image(cat_jpeg, budget=budget, timeout=0.05)
+    assert decode_image(cat_jpeg, budget=budget, timeout=0.05).size == (451, 300)  # alone, larger than the budget
+    assert budget.used == 0
+
+
+@pytest.mark.parametrize(("mode", "fmt", "top"), [("I;16", "PNG", 65535.0), ("F", "TIFF", 255.0), ("1", "PNG", 1.0)])
+def test_strip_conversion_equals_converting_the_whole_image(mode, fmt, top):
+    # 16-bit and float rows are scaled strip by strip; the result must equal scaling the whole image, then reducing.
+    rows = np.linspace(0, top if mode != "F" else 200.0, 700 * 300).reshape(700, 300)
+    source = Image.fromarray(rows.astype({"I;16": np.uint16, "F": np.float32, "1": bool}[mode]))
+    data = encode(source if mode != "I;16" else source.convert("I;16"), fmt)
+    decoded = decode_image(data, min_size=64)
+    scale = 255.0 / (65535.0 if mode == "I;16" else 255.0)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("L") if mode == "1" else Image.open(io.BytesIO(data)))
+    whole = Image.fromarray(
+        np.clip(full.astype(np.float64) * (1 if mode == "1" else scale), 0, 255).round().astype(np.uint8)
+    )
+    expected = whole.reduce(min(whole.size) // 64).convert("RGB")
+    assert decoded.size == expected.size and np.array_equal(np.asarray(decoded), np.asarray(expected))

@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 from app.config import PARSERS, SERVER_PARSERS, Settings, load_settings
-from tests.conftest import REPO_ROOT
-from tests.test_container import dockerfile_instructions
+from tests.helpers import REPO_ROOT, dockerfile_instructions
 
 DEPLOY = REPO_ROOT / "deploy" / "kubernetes"
 KSERVE = DEPLOY / "kserve"

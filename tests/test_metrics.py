@@ -6,7 +6,7 @@ import io
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import get_service
+from tests.helpers import sample
 
 EXPECTED_FAMILIES = {
     "petclf_requests",
@@ -20,10 +20,6 @@ EXPECTED_FAMILIES = {
     "petclf_unknown",
     "petclf_model_info",
 }
-
-
-def sample(app, name: str, **labels) -> float:
-    return get_service(app).metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def test_exposition_has_every_family(client):

@@ -1,4 +1,4 @@
-"""PetClassifier: construction, head shapes, weights, freezing and parameter groups."""
+"""PetClassifier: construction, head shapes and weights (layer groups and freezing: tests/test_strategies.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ import torch
 import torchvision
 
 from models.pet_classifier import HeadConfig, PetClassifier, WeightsUnavailableError, imagenet_weights_cached
-
-
-def _trainable_names(model: PetClassifier) -> set[str]:
-    return {name for name, p in model.named_parameters() if p.requires_grad}
+from models.training.strategies import group_names
 
 
 @pytest.mark.parametrize(
@@ -29,7 +26,7 @@ def _trainable_names(model: PetClassifier) -> set[str]:
 def test_construction_and_head_shape(arch, feature_dim, groups):
     model = PetClassifier(5, arch=arch).eval()
     assert model.feature_dim == feature_dim
-    assert model.group_names() == groups
+    assert group_names(model) == groups
     linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(feature_dim, 512), (512, 5)]
     with torch.no_grad():
@@ -119,58 +116,3 @@ def test_imagenet_weights_come_from_a_seeded_cache(tmp_path, monkeypatch):
     assert imagenet_weights_cached("resnet18")
     model = PetClassifier(3, arch="resnet18", weights="imagenet")
     assert torch.equal(model.backbone.conv1.weight, seeded.conv1.weight)
-
-
-def test_feature_extraction_trains_only_the_head():
-    model = PetClassifier(3, arch="resnet18")
-    model.freeze_backbone()
-    assert model.trainable_groups() == ["head"]
-    assert _trainable_names(model) == {name for name, _ in model.named_parameters() if name.startswith("head.")}
-
-
-def test_unfreeze_adds_groups_in_order():
-    model = PetClassifier(3, arch="resnet18")
-    model.freeze_backbone()
-    model.unfreeze("layer4")
-    assert model.trainable_groups() == ["head", "layer4"]
-    assert all(name.startswith(("head.", "backbone.layer4.")) for name in _trainable_names(model))
-    model.unfreeze("layer3", "rest")
-    assert model.trainable_groups() == ["head", "layer4", "layer3", "rest"]
-    assert len(_trainable_names(model)) == len(list(model.parameters()))
-
-
-def test_layer_groups_partition_every_parameter():
-    for arch in ("resnet50", "mobilenet_v3_small"):
-        model = PetClassifier(3, arch=arch)
-        grouped = [id(p) for params in model.layer_groups().values() for p in params]
-        assert sorted(grouped) == sorted(id(p) for p in model.parameters())
-        assert all(model.layer_groups().values())
-
-
-def test_unknown_group_is_refused_with_the_valid_list():
-    model = PetClassifier(3, arch="resnet18")
-    with pytest.raises(ValueError, match=r"unknown layer group\(s\) \['layer5'\].*valid: \['head', 'layer4'"):
-        model.unfreeze("layer5")
-    with pytest.raises(ValueError, match="features-late"):
-        model.param_groups(1e-3, {"features-late": 0.1})
-
-
-def test_param_groups_have_per_group_learning_rates():
-    model = PetClassifier(3, arch="resnet18")
-    model.set_trainable(["head", "layer4"])
-    groups = model.param_groups(1e-3, {"layer4": 0.1}, weight_decay=0.01)
-    assert [(g["name"], g["lr"]) for g in groups] == [("head", 1e-3), ("layer4", pytest.approx(1e-4))]
-    assert sum(len(g["params"]) for g in groups) == len(_trainable_names(model))
-    optimizer = torch.optim.AdamW(groups)
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.01]
-
-
-def test_frozen_batchnorm_stays_in_eval_mode_while_training():
-    model = PetClassifier(3, arch="resnet18")
-    model.set_trainable(["head", "layer4"])
-    model.train()
-    assert not model.backbone.bn1.training
-    assert model.backbone.layer4[0].bn1.training
-    assert model.head.training
-    model.unfreeze_all()
-    assert model.train().backbone.bn1.training

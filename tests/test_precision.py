@@ -30,7 +30,7 @@ from models.quantize import (
 )
 from models.runtime import cpu_bf16_problem
 from models.training.quantization import batches, quantize_bundle
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 NATIVE_BF16 = cpu_bf16_problem() is None
 INT8 = {"PRECISION": "int8", "DEVICE": "cpu"}
@@ -162,9 +162,9 @@ def test_int8_serves_the_stored_network_and_explains_in_float32(int8_bundle, int
     fp32, int8 = app_factory(int8_bundle), app_factory(int8_bundle, PRECISION="int8")
     (member,) = int8.test_client().get("/model").get_json()["members"]
     assert member["int8"]["agreement"] == int8_run["agreement"]["int8"]  # what scripts/quantize.py measured
-    assert member["int8"]["file"] == str(int8_path(int8_bundle)) and member["int8"]["calibration"]["images"] == 48
+    assert member["int8"]["file"] == int8_path(int8_bundle).name and member["int8"]["calibration"]["images"] == 48
     assert "int8" not in fp32.test_client().get("/model").get_json()["members"][0]
-    served = get_service(int8).classifier.predictor.members[0].model
+    served = get_service(int8).handler.predictor.members[0].model
     assert isinstance(served, Int8Network) and not any(p.is_floating_point() for p in served.backbone.parameters())
     photos = sorted((training_data / "val").rglob("*.jpg"))[:6]
     answers = []

@@ -14,7 +14,7 @@ from models.bundle import save_bundle
 from models.pet_classifier import PetClassifier
 from models.training.prediction import predict_files, render
 from models.transforms import default_preprocess
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 

@@ -132,7 +132,7 @@ def test_model_path_lists_are_checked(text, message):
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
 def test_folding_batchnorm_keeps_the_outputs_and_the_split(arch, images):
-    """build_classifier folds BatchNorms into convolutions and runs channels-last on the CPU: the same network."""
+    """build_handler folds BatchNorms into convolutions and runs channels-last on the CPU: the same network."""
     torch.manual_seed(3)
     model = PetClassifier(3, arch=arch, weights="none").eval()
     for module in model.modules():  # non-trivial statistics, so a wrong fold would show

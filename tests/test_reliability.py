@@ -11,7 +11,7 @@ import time
 import pytest
 
 from app.lifecycle import BOOTING, FAILED, READY, Record, handover
-from tests.fixtures.server import poll_readyz, start_server
+from tests.helpers import poll_readyz, start_server
 from tools import soak
 
 pytestmark = pytest.mark.slow
@@ -80,8 +80,8 @@ def test_reload_hot_swap_and_a_bad_bundle_fail_no_request(server, tiny_bundle_pa
     alternate = tmp_path / "alternate.pt"
     new_version = soak.variant_bundle(tiny_bundle_path, alternate)
     with soak.Load(server.url, cat_jpeg, clients=8, api_key=API_KEY) as load:
-        time.sleep(1)
-        same = soak.reload(server.url, master, load, WORKERS, settle_s=1)
+        load.wait_answers(8)
+        same = soak.reload(server.url, master, load, WORKERS, settle=8)
         swap = soak.hot_swap(server.url, master, load, WORKERS, alternate, server.model_path)
         # A bundle that cannot load: the new generation fails, the old one keeps serving.
         pids = soak.worker_pids(master)
@@ -89,7 +89,7 @@ def test_reload_hot_swap_and_a_bad_bundle_fail_no_request(server, tiny_bundle_pa
         bad_start = time.monotonic()
         os.kill(master, signal.SIGHUP)
         soak.wait_for(lambda: server.log().count("keeps serving generation") >= WORKERS, 120, "the failed reload")
-        time.sleep(1)
+        load.wait_answers(8, since=time.monotonic())
         bad = soak.summarize(load.since(bad_start))
     for summary in (same, swap, bad):
         assert summary["non_2xx"] == 0, summary
@@ -107,8 +107,8 @@ def test_reload_hot_swap_and_a_bad_bundle_fail_no_request(server, tiny_bundle_pa
 def test_kill_9_of_a_worker_fails_only_its_in_flight_requests(server, cat_jpeg):
     master = server.process.pid
     with soak.Load(server.url, cat_jpeg, clients=8, api_key=API_KEY) as load:
-        time.sleep(1)
-        summary = soak.kill_worker(server.url, master, load, WORKERS, settle_s=1)
+        load.wait_answers(8)
+        summary = soak.kill_worker(server.url, master, load, WORKERS, settle=8)
     # At most the requests the killed worker held (8 clients, spread over 2 workers), and each one a clean
     # connection error right away, never a hang. A response the SIGKILL cut between its headers and the end of
     # its body reaches requests as ChunkedEncodingError (seen once so far): the same dropped connection.
@@ -125,7 +125,7 @@ def test_max_requests_recycling_fails_no_request(tiny_bundle_path, tmp_path, cat
         soak.wait_for(lambda: soak.ready_workers(recycled.url) >= WORKERS, 120, "both workers")
         with soak.Load(recycled.url, cat_jpeg, clients=8) as load:
             soak.wait_for(lambda: recycled.log().count("Autorestarting worker") >= 2, 120, "recycled workers")
-            time.sleep(2)
+            load.wait_answers(16, since=time.monotonic())  # the replacements serving
         summary = soak.summarize(load.outcomes)
     finally:
         assert recycled.stop() == 0

@@ -12,12 +12,11 @@ import torch
 
 from app import create_app, get_service
 from app.errors import ApiError
-from app.inference import Classifier
+from app.inference import Handler
 from models.bundle import BundleError, load_model, save_bundle
 from models.pet_classifier import PetClassifier
 from models.transforms import default_preprocess
-from tests.conftest import PHOTOS
-from tests.fixtures.server import PHOTO_NAMES, reference_probabilities
+from tests.helpers import PHOTO_NAMES, PHOTOS, reference_probabilities
 
 
 def check_prediction(result: dict, class_names: list[str], top_k: int = 3) -> None:
@@ -186,7 +185,7 @@ def test_a_failing_warm_up_stops_start_up(tiny_bundle_path, monkeypatch):
     def broken(self, batch_sizes):
         raise RuntimeError("warm-up exploded")
 
-    monkeypatch.setattr(Classifier, "warmup", broken)
+    monkeypatch.setattr(Handler, "warmup", broken)
     with pytest.raises(RuntimeError, match="warm-up exploded"):
         create_app({"MODEL_PATH": str(tiny_bundle_path), "TORCH_THREADS": 1})
 
@@ -228,7 +227,7 @@ def test_full_queue_gives_503_with_retry_after(app_factory, cat_jpeg):
 def test_unexpected_error_is_500_without_traceback(app_factory, cat_jpeg):
     app = app_factory()
     service = get_service(app)
-    service.classifier.preprocess = lambda data, tta: 1 / 0  # a bug, not a bad input
+    service.handler.preprocess = lambda data, tta: 1 / 0  # a bug, not a bad input
     response = app.test_client().post("/predict", data=cat_jpeg, content_type="image/jpeg")
     assert response.status_code == 500
     assert response.get_json() == {"error": {"code": "internal_error", "message": "internal server error"}}

@@ -6,7 +6,8 @@ import pytest
 from marshmallow import ValidationError
 
 from app.openapi import build_spec
-from app.schemas import ErrorSchema, ExplainQuerySchema, PredictionSchema, PredictQuerySchema
+from app.routes import ExplainQuerySchema, PredictQuerySchema
+from app.schemas import ErrorSchema, PredictionSchema
 
 
 @pytest.mark.parametrize(

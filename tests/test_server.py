@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models.bundle import save_bundle
 from models.transforms import default_preprocess
-from tests.conftest import PHOTOS, REPO_ROOT
-from tests.fixtures.server import PHOTO_NAMES, poll_readyz, reference_probabilities, start_server
+from tests.helpers import PHOTO_NAMES, PHOTOS, REPO_ROOT, poll_readyz, reference_probabilities, start_server
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60

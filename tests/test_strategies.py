@@ -9,7 +9,18 @@ import torch
 
 from models.pet_classifier import PetClassifier
 from models.training.reporting import sibling
-from models.training.strategies import LRSchedule, build_optimizer, carry_state, parse_lr_mults, trainable_at
+from models.training.strategies import (
+    LRSchedule,
+    build_optimizer,
+    carry_state,
+    group_names,
+    layer_groups,
+    param_groups,
+    parse_lr_mults,
+    set_trainable,
+    train_mode,
+    trainable_at,
+)
 from tests.fixtures.training import run_train
 
 GROUPS = ("head", "layer4", "layer3", "rest")
@@ -25,7 +36,7 @@ def model() -> PetClassifier:
 def trainable_by_group(model: PetClassifier) -> dict[str, bool]:
     """Per group: True when all its parameters train, False when none do (mixed fails the test)."""
     result = {}
-    for name, params in model.layer_groups().items():
+    for name, params in layer_groups(model).items():
         flags = {p.requires_grad for p in params}
         assert len(flags) == 1, f"group {name} is partly frozen"
         result[name] = flags.pop()
@@ -46,7 +57,7 @@ def trainable_by_group(model: PetClassifier) -> dict[str, bool]:
 def test_each_stage_trains_exactly_its_groups(model, strategy, expected):
     for epoch, groups in enumerate(expected):
         assert trainable_at(strategy, GROUPS, epoch, unfreeze_every=2) == groups
-        model.set_trainable(groups)
+        set_trainable(model, groups)
         assert trainable_by_group(model) == {name: name in groups for name in GROUPS}
 
 
@@ -64,12 +75,12 @@ def test_lr_mults_auto_and_explicit(model):
 
 def test_optimizer_groups_follow_the_stage_and_keep_moments(model):
     mults = {"head": 1.0, "layer4": 0.1, "layer3": 0.05, "rest": 0.01}
-    model.set_trainable(["head"])
+    set_trainable(model, ["head"])
     first = build_optimizer(model, "adamw", 1e-3, mults, 0.01)
     head_param = first.param_groups[0]["params"][0]
     head_param.grad = torch.ones_like(head_param)
     first.step()
-    model.set_trainable(["head", "layer4"])
+    set_trainable(model, ["head", "layer4"])
     second = build_optimizer(model, "sgd", 1e-3, mults, 0.01)
     carry_state(first, second)
     assert {g["name"]: g["lr"] for g in second.param_groups} == {"head": 1e-3, "layer4": pytest.approx(1e-4)}
@@ -102,3 +113,52 @@ def test_gradual_unfreeze_in_a_real_run(tmp_path, demo_data):
     run_train(demo_data, output, strategy="gradual-unfreeze", unfreeze_every=1, epochs=2)
     epochs = json.loads(sibling(output, ".history.json").read_text())["epochs"]
     assert [row["trainable"] for row in epochs] == [["head"], ["head", "layer4"]]
+
+
+def _trainable_names(model: PetClassifier) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_feature_extraction_trains_only_the_head():
+    model = PetClassifier(3, arch="resnet18")
+    set_trainable(model, ["head"])
+    assert _trainable_names(model) == {name for name, _ in model.named_parameters() if name.startswith("head.")}
+    set_trainable(model, ["head", "layer4"])
+    assert all(name.startswith(("head.", "backbone.layer4.")) for name in _trainable_names(model))
+
+
+def test_layer_groups_partition_every_parameter():
+    for arch in ("resnet50", "mobilenet_v3_small"):
+        model = PetClassifier(3, arch=arch)
+        grouped = [id(p) for params in layer_groups(model).values() for p in params]
+        assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+        assert all(layer_groups(model).values())
+
+
+def test_unknown_group_is_refused_with_the_valid_list():
+    model = PetClassifier(3, arch="resnet18")
+    with pytest.raises(ValueError, match=r"unknown layer group\(s\) \['layer5'\].*valid: \['head', 'layer4'"):
+        set_trainable(model, ["head", "layer5"])
+    with pytest.raises(ValueError, match="features-late"):
+        param_groups(model, 1e-3, {"features-late": 0.1})
+
+
+def test_param_groups_have_per_group_learning_rates():
+    model = PetClassifier(3, arch="resnet18")
+    set_trainable(model, ["head", "layer4"])
+    groups = param_groups(model, 1e-3, {"layer4": 0.1}, weight_decay=0.01)
+    assert [(g["name"], g["lr"]) for g in groups] == [("head", 1e-3), ("layer4", pytest.approx(1e-4))]
+    assert sum(len(g["params"]) for g in groups) == len(_trainable_names(model))
+    optimizer = torch.optim.AdamW(groups)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.01]
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_while_training():
+    model = PetClassifier(3, arch="resnet18")
+    set_trainable(model, ["head", "layer4"])
+    train_mode(model)
+    assert not model.backbone.bn1.training
+    assert model.backbone.layer4[0].bn1.training
+    assert model.head.training
+    set_trainable(model, group_names(model))
+    assert train_mode(model).backbone.bn1.training

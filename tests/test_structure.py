@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 PACKAGES = ("app", "models", "scripts", "tests", "tools")
 # torch.hub imports tqdm whenever it is installed (and falls back to a stub without it), so the probe makes the
@@ -81,6 +81,8 @@ def test_no_sys_path_tricks_and_no_test_imports_from_scripts():
         if path.is_relative_to(REPO_ROOT / "tests"):
             top = {name.split(".")[0] for name in imports_of(path)}
             assert not top & (script_modules | {"scripts"}), f"{path} imports from scripts/"
+            tests_imported = [name for name in imports_of(path) if name.startswith("tests.test_")]
+            assert not tests_imported, f"{path} imports {tests_imported}: shared helpers live in tests/helpers.py"
 
 
 def test_scripts_are_thin():

@@ -22,8 +22,8 @@ from models.training.demo_data import noise_image
 from models.training.evaluation import evaluate_bundle
 from models.training.reporting import sibling
 from models.transforms import eval_transform
-from tests.conftest import REPO_ROOT
 from tests.fixtures.training import FIXTURE, run_train, train_config
+from tests.helpers import REPO_ROOT
 from tests.numerics import beats_chance, most_flagged
 
 TRAIN_SCRIPT = str(REPO_ROOT / "scripts" / "train.py")

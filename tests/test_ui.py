@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 from app.ui import ASSET_MAX_AGE_S, STATIC
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 KEY = "ui-test-key-0123456789"
 ASSET_URL = re.compile(r'(?:href|src)="(ui/[^"?]+)\?v=([0-9a-f]+)"')

@@ -21,8 +21,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from models.training.demo_data import CLASSES
-from tests.conftest import REPO_ROOT
-from tests.fixtures.server import poll_readyz, reference_probabilities, start_server
+from tests.helpers import REPO_ROOT, poll_readyz, reference_probabilities, start_server
 
 pytestmark = pytest.mark.slow
 KEY = "browser-test-key-0123456789"

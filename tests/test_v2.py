@@ -13,18 +13,10 @@ from hypothesis import strategies as st
 
 from app import get_service
 from models.bundle import load_bundle
-from models.images import decode_image
-from models.transforms import eval_transform
-from tests.conftest import PHOTOS
-from tests.fixtures.server import PHOTO_NAMES
-from tests.test_metrics import sample
+from tests.helpers import PHOTOS, photos, pixels_of, sample
 
 INFER = "/v2/models/pet-classifier/infer"
 HEADER = "Inference-Header-Content-Length"
-
-
-def photos() -> list[bytes]:
-    return [(PHOTOS / f"{name}.jpg").read_bytes() for name in PHOTO_NAMES]
 
 
 def b64(data: bytes) -> str:
@@ -33,13 +25,6 @@ def b64(data: bytes) -> str:
 
 def image_input(images: list[bytes], **overrides) -> dict:
     return {"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": [b64(i) for i in images], **overrides}
-
-
-def pixels_of(bundle_path, images: list[bytes]) -> np.ndarray:
-    """What the service's preprocessing makes of `images`, computed here with the bundle's own transform."""
-    preprocess = load_bundle(bundle_path).preprocess
-    transform = eval_transform(preprocess)
-    return np.stack([transform(decode_image(data, min_size=preprocess["resize"])).numpy() for data in images])
 
 
 def binary_body(document: dict, *chunks: bytes) -> tuple[bytes, dict]:
@@ -211,7 +196,7 @@ BAD_REQUESTS = {
     "pixels of the wrong size": ({"inputs": [_pixels_tensor([1, 3, 64, 63])]}, {}, 400, "[N, 3, 64, 64]"),
     "pixels as FP16": ({"inputs": [{**_pixels_tensor([1, 3, 64, 64]), "datatype": "FP16"}]}, {}, 400, "FP32"),
     "pixels rank 3": ({"inputs": [_pixels_tensor([3, 64, 64])]}, {}, 400, "[-1, 3, 64, 64]"),
-    "pixels as text": ({"inputs": [_pixels_tensor([1, 1, 1, 1], ["a"])]}, {}, 400, "must be numbers"),
+    "pixels as text": ({"inputs": [_pixels_tensor([1, 3, 64, 64], ["a"])]}, {}, 400, "must be numbers"),
     "too few pixels": ({"inputs": [_pixels_tensor([1, 3, 64, 64], [0.0])]}, {}, 400, "(12288 elements) but holds 1"),
     "unknown output": ({"inputs": [image_input([JPEG])], "outputs": [{"name": "logits"}]}, {}, 400, "one output"),
     "classification over the class count": (

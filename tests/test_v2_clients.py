@@ -13,8 +13,7 @@ from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from tritonclient.utils import InferenceServerException
 
 from models.bundle import load_bundle
-from tests.fixtures.server import PHOTO_NAMES
-from tests.test_v2 import photos, pixels_of
+from tests.helpers import PHOTO_NAMES, photos, pixels_of
 
 pytestmark = pytest.mark.slow
 MODEL = "pet-classifier"

@@ -88,7 +88,7 @@ def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: 
     import torch
 
     from app.config import ConfigError, load_settings
-    from app.inference import build_classifier, serving_device
+    from app.inference import build_handler, serving_device
     from models.ensemble import load_ensemble
     from models.graphs import GraphError
     from models.quantize import QuantizationError
@@ -96,26 +96,26 @@ def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: 
     try:
         settings = load_settings(overrides={"MODEL_PATH": model, "PRECISION": precision, "BACKEND": backend})
         ensemble = load_ensemble(settings.model_paths)
-        classifier = build_classifier(settings, ensemble, serving_device(settings))
+        handler = build_handler(settings, ensemble, serving_device(settings))
         # One thread does everything here; under ONNX Runtime its own pool computes (as in the batcher).
-        torch.set_num_threads(1 if classifier.onnx_only else settings.torch_threads)
+        torch.set_num_threads(1 if handler.onnx_only else settings.torch_threads)
     except (ConfigError, QuantizationError, GraphError) as error:
         return {"skipped": str(error)}
     data = Path(image).read_bytes()
-    preprocess = _timed(lambda: classifier.preprocess(data), min(seconds, 3.0))
-    pixels = classifier.preprocess(data)
-    one, full = classifier.collate(pixels), classifier.collate(pixels * batch_size)
-    classifier.warmup((1, batch_size))
+    preprocess = _timed(lambda: handler.preprocess(data), min(seconds, 3.0))
+    pixels = handler.preprocess(data)
+    one, full = handler.collate(pixels), handler.collate(pixels * batch_size)
+    handler.warmup((1, batch_size))
     # CPU time of every thread of this process (OpenMP's too): what bounds throughput on a few shared cores.
     cpu_single = time.process_time()
-    single = _timed(lambda: classifier.inference(one), seconds / 2)
+    single = _timed(lambda: handler.inference(one), seconds / 2)
     cpu_single, cpu = time.process_time() - cpu_single, time.process_time()
-    batched = _timed(lambda: classifier.inference(full), seconds / 2)
+    batched = _timed(lambda: handler.inference(full), seconds / 2)
     cpu = time.process_time() - cpu
     forward_ms = statistics.median(single) * 1000
     return {
-        "device": str(classifier.device),
-        "backend": classifier.member_info()[0]["backend"],
+        "device": str(handler.device),
+        "backend": handler.member_info()[0]["backend"],
         "torch_threads": settings.torch_threads,
         "preprocess_ms": round(statistics.median(preprocess) * 1000, 2),
         "forward_ms_b1": round(forward_ms, 1),

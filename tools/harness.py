@@ -45,22 +45,31 @@ def ready_workers(url: str) -> int:
     )
 
 
-def wait_ready(url: str, process: subprocess.Popen | None = None, workers: int = 1, timeout: float = 180) -> None:
+def wait_ready(
+    url: str,
+    process: subprocess.Popen | None = None,
+    workers: int = 1,
+    timeout: float = 180,
+    probe_timeout: float = 5.0,
+) -> list[int]:
     """Poll until /readyz is 200 and `workers` workers have warmed up (0: /readyz alone, for servers without
-    /metrics); raise if the process exits or time runs out."""
+    /metrics); returns every /readyz status seen; RuntimeError if the process exits, TimeoutError when time runs out.
+
+    A probe waits up to `probe_timeout` for its answer: during warm-up the kernel accepts the connection and the
+    worker answers once warm."""
+    seen: list[int] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with code {process.returncode}")
         try:
-            if requests.get(f"{url}/readyz", timeout=5).status_code == 200 and (
-                not workers or ready_workers(url) >= workers
-            ):
-                return
-        except requests.RequestException:  # not listening yet, warming up, or too busy to answer within 5 s
+            seen.append(requests.get(f"{url}/readyz", timeout=probe_timeout).status_code)
+            if seen[-1] == 200 and (not workers or ready_workers(url) >= workers):
+                return seen
+        except requests.RequestException:  # not listening yet, warming up, or too busy to answer in time
             pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url}: {workers} ready worker(s) not seen after {timeout}s")
+        time.sleep(0.05)
+    raise TimeoutError(f"{url}: {workers} ready worker(s) not seen after {timeout}s; statuses {seen[-5:]}")
 
 
 @contextmanager

@@ -7,6 +7,8 @@ it. Traffic goes only to the loopback server these functions start themselves.
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import shutil
 import signal
@@ -20,7 +22,9 @@ from dataclasses import dataclass, field
 
 import requests
 import torch
+from PIL import Image
 
+from app.config import Settings, load_settings
 from models.bundle import load_model, save_bundle
 from tools.harness import ready_workers, serving
 from tools.loadgen import children as worker_pids  # the live children of gunicorn's master: its workers
@@ -75,6 +79,11 @@ class Load:
         with requests.Session() as session:
             while not self._stop.is_set() and time.monotonic() < deadline:
                 self.outcomes.append(post(session, self.url, self.data, self.api_key))
+
+    def wait_answers(self, count: int, since: float | None = None, timeout: float = 120) -> None:
+        """Wait until `count` requests started at or after `since` (default: the load's start) have their answer."""
+        since = self.started if since is None else since
+        wait_for(lambda: len(self.since(since)) >= count, timeout, f"{count} answers", 0.02)
 
     def since(self, moment: float) -> list[Outcome]:
         """The outcomes of requests started at or after `moment`."""
@@ -175,13 +184,14 @@ def _replaced(url: str, master: int, old: set[int], workers: int) -> bool:
     return len(current) == workers and not current & old and ready_workers(url) >= workers
 
 
-def reload(url: str, master: int, load: Load, workers: int, settle_s: float = 3.0) -> dict:
-    """`kill -HUP <master>` under load: every worker replaced; the summary covers the requests since the HUP."""
+def reload(url: str, master: int, load: Load, workers: int, settle: int = 32) -> dict:
+    """`kill -HUP <master>` under load: every worker replaced; the summary covers the requests since the HUP, up to
+    `settle` answers after the new generation is ready."""
     old = set(worker_pids(master))
     start = time.monotonic()
     os.kill(master, signal.SIGHUP)
     replaced = wait_for(lambda: _replaced(url, master, old, workers), 120, "the new generation of workers")
-    time.sleep(settle_s)
+    load.wait_answers(settle, since=time.monotonic())
     return {"replaced_s": round(replaced, 1), "versions_live": live_versions(url), **summarize(load.since(start))}
 
 
@@ -197,7 +207,7 @@ def hot_swap(url: str, master: int, load: Load, workers: int, bundle: str, model
     return summary
 
 
-def kill_worker(url: str, master: int, load: Load, workers: int, settle_s: float = 3.0) -> dict:
+def kill_worker(url: str, master: int, load: Load, workers: int, settle: int = 32) -> dict:
     """`kill -9` of one worker under load: failures are limited to its in-flight requests; it is replaced."""
     victim = worker_pids(master)[0]
     start = time.monotonic()
@@ -208,7 +218,7 @@ def kill_worker(url: str, master: int, load: Load, workers: int, settle_s: float
     replaced = wait_for(
         lambda: ready_workers(url) >= workers and len(worker_pids(master)) == workers, 120, "a replacement worker"
     )
-    time.sleep(settle_s)
+    load.wait_answers(settle, since=time.monotonic())  # the replacement serving
     outcomes = load.since(start - CLIENT_TIMEOUT_S)  # requests in flight at the kill started before it
     affected = [o for o in outcomes if o.started + o.seconds >= start]
     failed = [o for o in affected if o.status != 200]
@@ -241,7 +251,7 @@ def reload_scenarios(bundle: str, data: bytes, workdir: str, env: dict, log_path
     results = {}
     base = {"MODEL_PATH": model_path, **env}
     with open(log_path, "ab") as log, serving(base, log, workers=2) as (server, url), Load(url, data) as load:
-        time.sleep(2)
+        load.wait_answers(32)
         results["hup_same_bundle"] = reload(url, server.pid, load, 2)
         results["hup_new_bundle"] = hot_swap(url, server.pid, load, 2, alternate, model_path)
         results["kill_9_worker"] = kill_worker(url, server.pid, load, 2)
@@ -288,3 +298,72 @@ def _sequential_ms(url: str, data: bytes, count: int = 20) -> float:
     with requests.Session() as session:
         outcomes = [post(session, url, data) for _ in range(count)]
     return round(statistics.median(o.seconds for o in outcomes) * 1000, 1)
+
+
+# The worst case the limits allow (issue 21)
+
+
+def most_expensive_image(max_pixels: int) -> bytes:
+    """The costliest file to decode under MAX_IMAGE_PIXELS: a square float32 greyscale TIFF (4 bytes a pixel once
+    decoded, the most Pillow holds) just under the limit, deflated to a few hundred KB."""
+    side = math.isqrt(max_pixels)
+    buffer = io.BytesIO()
+    Image.new("F", (side, side), 1000.5).save(buffer, "TIFF", compression="tiff_adobe_deflate")
+    return buffer.getvalue()
+
+
+def worst_case(url: str, worker: int, data: bytes, clients: int, rounds: int = 1, path: str = "/predict") -> dict:
+    """`clients` clients at once (e.g. THREADS), each posting `data` `rounds` times: the answers, and the worker's
+    resident memory before and at its peak (VmHWM, reset first), and whether it survived."""
+    with open(f"/proc/{worker}/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := the current resident size
+    before = status_kib(worker, "VmRSS:")
+    barrier = threading.Barrier(clients)
+    outcomes: list[Outcome] = []
+
+    def client() -> None:
+        with requests.Session() as session:
+            barrier.wait()
+            for _ in range(rounds):
+                start = time.monotonic()
+                try:
+                    answer = session.post(f"{url}{path}", data=data, timeout=CLIENT_TIMEOUT_S,
+                                          headers={"Content-Type": "image/tiff"})  # fmt: skip
+                    status: int | str = answer.status_code
+                except requests.RequestException as error:
+                    status = type(error).__name__
+                outcomes.append(Outcome(start, time.monotonic() - start, status))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {
+        "clients": clients,
+        "requests": len(outcomes),
+        "answers": dict(Counter(str(outcome.status) for outcome in outcomes)),
+        "seconds": round(time.monotonic() - started, 1),
+        "rss_mb": {"before": round(before / 1024), "peak": round(status_kib(worker, "VmHWM:") / 1024)},
+        "worker_survived": status_kib(worker, "VmRSS:") > 0,
+    }
+
+
+def worst_case_run(bundle: str, env: dict, log_path: str, clients: int, rounds: int = 3) -> dict:
+    """worst_case against one worker started with `env` (THREADS = `clients` unless set), the image at its
+    MAX_IMAGE_PIXELS; plus the ceiling docs/security.md states for it."""
+    env = {"THREADS": clients, **env}
+    settings = load_settings({k: str(v) for k, v in env.items()}, {"MODEL_PATH": bundle})
+    data = most_expensive_image(settings.max_image_pixels)
+    with open(log_path, "ab") as log, serving({"MODEL_PATH": bundle, **env}, log) as (server, url):
+        (worker,) = worker_pids(server.pid)
+        result = worst_case(url, worker, data, clients, rounds)
+    result["ceiling_mb"] = round(result["rss_mb"]["before"] + memory_ceiling(settings, int(env["THREADS"])) / 2**20)
+    return result
+
+
+def memory_ceiling(settings: Settings, threads: int) -> int:
+    """Bytes a worker may grow by with every thread busy (docs/security.md): DECODE_BUDGET_MB of decoded pixels,
+    plus per thread up to three copies of a MAX_UPLOAD_MB body and 16 MB of working buffers."""
+    return settings.decode_budget_bytes + threads * (3 * settings.max_upload_bytes + 16 * 2**20)

@@ -14,6 +14,7 @@ from models.predictor import MemberOutput, Output, Predictor, concat, tta_views
 from models.runtime import Runtime
 from models.training.distributed import all_reduce_sum
 from models.training.outliers import uniform_cross_entropy
+from models.training.strategies import train_mode
 
 
 def make_scaler(runtime: Runtime) -> torch.amp.GradScaler:
@@ -52,7 +53,7 @@ def train_one_epoch(
     With `exposure`, every step also feeds a batch of its outliers through the same forward pass and adds
     `exposure.weight` times their cross-entropy from the uniform distribution (reported as `outlier_loss`).
     """
-    model.train()
+    train_mode(model)  # frozen batch-norm layers stay in eval mode
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss sum, correct, images, outlier loss
     outliers, weight = (iter(exposure.loader), exposure.weight) if exposure is not None else (None, 0.0)
     runtime.synchronize()

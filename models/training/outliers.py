@@ -21,10 +21,8 @@ from models.training.data import DataError, ImageList, image_files, scan
 SYNTHETIC = "synthetic"
 # Families of generated outliers. None of them is i.i.d. pixel noise (uniform or Gaussian, what evaluate.py
 # --noise and the tests measure), so that measurement stays a check on images of a kind never trained on.
-# blank-frame (nothing in the picture) steadied the demo model's noise flagging: 90-100% of 200 noise images over
-# five trainings with it (100% in four), 84-100% over three without (README "Unknown inputs"). shaded-leaves (large
-# shaded, grained shapes: photo-like) with the demo's outlier weight raised to 1.0 took the 4 photos of tests/data
-# from 2-4 of 4 flagged to 4 of 4 in each of five trainings, noise to 100% in each.
+# blank-frame (nothing in the picture) steadies the demo model's noise flagging; shaded-leaves (large shaded,
+# grained shapes: photo-like) with the demo's outlier weight at 1.0 gets photos flagged too (README "Unknown inputs").
 FAMILIES = ("dead-leaves", "pink-noise", "smooth-field", "texture", "blank-frame", "shaded-leaves")
 POOL = 1 << 24  # distinct synthetic outliers an index can name; every draw is effectively a new image
 

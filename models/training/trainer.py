@@ -37,7 +37,15 @@ from models.training.data import (
 from models.training.engine import Exposure, evaluate, make_scaler, progress_enabled, train_one_epoch
 from models.training.outliers import outlier_dataset, outlier_loader
 from models.training.reporting import classification_report, epoch_line, plot_curves, sibling, write_history
-from models.training.strategies import LRSchedule, build_optimizer, carry_state, parse_lr_mults, trainable_at
+from models.training.strategies import (
+    LRSchedule,
+    build_optimizer,
+    carry_state,
+    group_names,
+    parse_lr_mults,
+    set_trainable,
+    trainable_at,
+)
 from models.transforms import default_preprocess, eval_transform, train_transform
 
 
@@ -197,7 +205,7 @@ def set_stage(state: TrainState, groups: list[str], config: TrainConfig, ctx: Co
     """Make exactly `groups` trainable; rebuild optimizer (keeping moments) and DDP wrapper if that changed."""
     if groups == state.stage:
         return False
-    state.model.set_trainable(groups)
+    set_trainable(state.model, groups)
     optimizer = build_optimizer(state.model, config.opt, config.base_lr, lr_mults, config.weight_decay, config.momentum)
     if state.optimizer is not None:
         carry_state(state.optimizer, optimizer)
@@ -372,7 +380,7 @@ def fit(config: TrainConfig, state: TrainState, data: DataSplit, ctx: Context, l
     criteria = (build_criterion(config, data, ctx.dist.device), nn.CrossEntropyLoss())
     mix = build_mix(config, len(data.class_names))
     for epoch in range(state.start_epoch, config.epochs):
-        groups = trainable_at(config.strategy, state.model.group_names(), epoch, config.unfreeze_every)
+        groups = trainable_at(config.strategy, group_names(state.model), epoch, config.unfreeze_every)
         if set_stage(state, groups, config, ctx, lr_mults):
             ctx.log(f"epoch {epoch}: training {', '.join(groups)}")
         row, val = run_epoch(epoch, state, loaders, criteria, ctx, mix, exposure)
