@@ -22,8 +22,7 @@ from models.training.data import discover
 from models.training.export import export_bundle, export_fp32
 from models.training.quantization import batches
 from models.transforms import default_preprocess
-from tests.conftest import REPO_ROOT
-from tests.fixtures.server import poll_readyz, start_server
+from tests.helpers import REPO_ROOT, poll_readyz, start_server
 
 CPU = torch.device("cpu")
 
