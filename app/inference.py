@@ -7,6 +7,7 @@ batcher, readiness, the explain gate) and knows nothing of pixels or labels.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -153,8 +154,18 @@ class Handler:
         self.predictor.warmup(batch_sizes, self.crop)
 
     def member_info(self) -> list[dict]:
-        """Per member, what serves it: backend, precision, graph (or int8 file), recorded agreement, and why."""
-        return [dict(member) for member in self.members]
+        """Per member, what serves it: backend, precision, graph (or int8 file), recorded agreement, and why; file
+        names, not the server's paths."""
+        return [_names_only(member) for member in self.members]
+
+
+def _names_only(value):
+    """`value` with every absolute path's folder dropped (GET /model shows names, not the server's layout)."""
+    if isinstance(value, dict):
+        return {key: _names_only(item) for key, item in value.items()}
+    if isinstance(value, str) and "/" in value:
+        return " ".join(os.path.basename(word) if "/" in word else word for word in value.split(" "))
+    return value
 
 
 def build_handler(settings: Settings, ensemble: Ensemble, device: torch.device) -> Handler:
