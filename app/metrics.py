@@ -56,6 +56,20 @@ class Metrics(BatchObserver):
             f"{PREFIX}_model_info", "Live workers serving this model", ["version", "arch", "device"],
             multiprocess_mode="livesum", registry=reg,
         )  # fmt: skip
+        # What the alert rules (deploy/prometheus/rules.yml) compare against; set once the model is warm.
+        self.queue_capacity = Gauge(
+            f"{PREFIX}_queue_capacity", "Images the live workers' queues can hold (MAX_QUEUE each)",
+            multiprocess_mode="livesum", registry=reg,
+        )  # fmt: skip
+        self.expected_unknown = Gauge(
+            f"{PREFIX}_ood_expected_unknown_ratio",
+            "Share of in-distribution images the model's detector flags unknown (1 - keep, fitted on validation)",
+            ["score"], multiprocess_mode="livemax", registry=reg,
+        )  # fmt: skip
+        self.class_baseline = Gauge(
+            f"{PREFIX}_class_baseline_ratio", "Each class's share of the model's validation images", ["class"],
+            multiprocess_mode="livemax", registry=reg,
+        )  # fmt: skip
         # Label children created once, so the hot path does no label lookups.
         self._by_class = {name: self.predictions.labels(name) for name in class_names}
         self._by_route: dict[tuple[str, str], tuple] = {}
@@ -105,6 +119,14 @@ class Metrics(BatchObserver):
     def set_model(self, version: str, arch: str, device: str, live: bool = True) -> None:
         """Publish the model-info gauge once the model is warm (1), or leave it when the worker drains (0)."""
         self.model_info.labels(version, arch, device).set(1 if live else 0)
+
+    def set_baselines(self, max_queue: int, ood: dict | None, class_mix: dict[str, float] | None) -> None:
+        """Publish MAX_QUEUE, the detector's fitted unknown rate (when it has a `keep`) and the validation class mix."""
+        self.queue_capacity.set(max_queue)
+        if ood and "keep" in ood:
+            self.expected_unknown.labels(ood["score"]).set(round(1.0 - float(ood["keep"]), 9))
+        for name, share in (class_mix or {}).items():
+            self.class_baseline.labels(name).set(share)
 
     # Batcher side (BatchObserver)
 

@@ -80,6 +80,7 @@ class Service:
             collate=handler.collate,
         ).start(setup=warm_up)
         self.handler = handler
+        self.metrics.set_baselines(settings.max_queue, self.bundle.ood(), self.bundle.class_mix())
         self.metrics.set_model(self.bundle.version, self.bundle.arch, str(handler.device))
         return self
 

@@ -84,6 +84,12 @@ class Ensemble:
         scores = sorted({entry["score"] for entry in entries})
         return {"score": "+".join(scores), "combine": ENSEMBLE_OOD, "threshold": 0.0, "direction": DIRECTION}
 
+    def class_mix(self) -> dict[str, float] | None:
+        """Each class's share of the first member's validation images (its training record); None when unrecorded."""
+        counts = (self.bundles[0].training.get("class_counts") or {}).get("val") or {}
+        total = sum(counts.get(name, 0) for name in self.class_names)
+        return {name: counts.get(name, 0) / total for name in self.class_names} if total else None
+
     def members(self) -> list[dict]:
         """Each member's file name (not its path on the server), version, architecture, metrics and calibration."""
         return [

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The real container, tested for real (`make container-test`; minutes and gigabytes, so not part of `make test`):
 # build the image, `compose up` with the monitoring profile on free ports, wait for the api to be healthy,
-# /predict a real photo, check that Prometheus scraped the api, stop the api with SIGTERM (exit status 0),
-# and tear everything down, volumes included. Needs a Docker engine; on the project's offline machines
-# OFFLINE_DOCKER (../shared/tools/offline-docker.sh) provides one with local stand-ins for the base images.
+# /predict a real photo, check that Prometheus scraped the api and loaded the alert rules (all healthy), stop the
+# api with SIGTERM (exit status 0), and tear everything down, volumes included. Needs a Docker engine; on the
+# project's offline machines OFFLINE_DOCKER (../shared/tools/offline-docker.sh) provides one with local stand-ins
+# for the base images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,6 +80,23 @@ for _ in $(seq 60); do
 done
 [ "$scraped" -gt 0 ] || { say "prometheus never scraped petclf_model_info from the api"; exit 1; }
 say "prometheus scraped the api: $(curl -sS "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query?query=up" | python3 -c 'import json, sys; print([(r["metric"]["instance"], r["value"][1]) for r in json.load(sys.stdin)["data"]["result"]])')"
+
+# The alert rules are loaded and every one evaluates healthy (the drift group evaluates once a minute).
+expected=$(grep -cE '^ +- (record|alert):' deploy/prometheus/rules.yml)
+rules_state() {
+    curl -sS "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/rules" | python3 -c '
+import json, sys
+rules = [r for g in json.load(sys.stdin)["data"]["groups"] for r in g["rules"]]
+print(len(rules), sum(r["health"] == "ok" for r in rules))' || echo "0 0"
+}
+for _ in $(seq 60); do
+    read -r loaded healthy <<<"$(rules_state)"
+    [ "$loaded" = "$expected" ] && [ "$healthy" = "$expected" ] && break
+    sleep 2
+done
+[ "$loaded" = "$expected" ] && [ "$healthy" = "$expected" ] \
+    || { say "prometheus lists $loaded of $expected rules, $healthy healthy"; exit 1; }
+say "prometheus loaded all $expected rules (deploy/prometheus/rules.yml), all healthy"
 
 say "stopping the api with SIGTERM"
 docker stop --time 60 "$api" >/dev/null

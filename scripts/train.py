@@ -75,6 +75,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--amp", choices=AMP_CHOICES, default=D.amp, help="mixed precision (auto: bf16 on GPU)")
     run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun")
     run.add_argument("--seed", type=int, default=D.seed, help="random seed")
+    run.add_argument("--log-dir", default=D.log_dir, help="TensorBoard events (default: <output stem>.tb/)")
     run.add_argument(
         "--outlier-exposure", type=float, default=D.outlier_exposure, help="weight of the outlier loss (0 = off)"
     )

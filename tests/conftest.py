@@ -15,8 +15,13 @@ from models.training.demo_data import CLASSES, make_demo_data
 from models.transforms import default_preprocess
 from tests.helpers import PHOTOS
 
-# Fixtures owned by the service, training and browser test suites.
-pytest_plugins = ["tests.fixtures.server", "tests.fixtures.training", "tests.fixtures.browser"]
+# Fixtures owned by the service, training, browser and alert-rule test suites.
+pytest_plugins = [
+    "tests.fixtures.server",
+    "tests.fixtures.training",
+    "tests.fixtures.browser",
+    "tests.fixtures.prometheus",
+]
 
 TINY_ARCH = "resnet18"
 TINY_IMAGE_SIZE = 64

@@ -115,3 +115,16 @@ def poll_readyz(server: Server, timeout: float = READY_TIMEOUT_S, workers: int =
         return wait_ready(server.url, server.process, workers, timeout, probe_timeout=timeout)
     except (RuntimeError, TimeoutError) as error:
         raise type(error)(f"{error}:\n{server.log()}") from error
+
+
+def tensorboard_events(log_dir: Path):
+    """Every event under `log_dir`, read with TensorBoard's own reader (an EventAccumulator, loaded)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # a training/dev dependency
+
+    assert Path(log_dir).is_dir(), f"no TensorBoard directory {log_dir}"
+    return EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
+
+
+def tensorboard_scalars(log_dir: Path, tag: str) -> list[float]:
+    """The values of `tag` in `log_dir`'s events, in step order."""
+    return [event.value for event in sorted(tensorboard_events(log_dir).Scalars(tag), key=lambda e: e.step)]

@@ -24,7 +24,7 @@ from tools.harness import free_port
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 GPU_COMPOSE = REPO_ROOT / "docker-compose.gpu.yml"
-PROMETHEUS = REPO_ROOT / "deploy" / "prometheus.yml"
+PROMETHEUS = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 CANONICAL_COMMAND = ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -192,7 +192,7 @@ def test_gpu_override_reserves_a_gpu_for_train_and_api():
 def test_prometheus_profile_scrapes_the_api_metrics(app):
     prometheus = compose()["services"]["prometheus"]
     assert prometheus["profiles"] == ["monitoring"]
-    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
     (job,) = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     assert job["dns_sd_configs"] == [{"names": ["api"], "type": "A", "port": 5000}]

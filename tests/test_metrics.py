@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app import get_service
+from models.bundle import save_bundle
+from models.transforms import default_preprocess
+from tests.conftest import TINY_IMAGE_SIZE
 from tests.helpers import sample
 
 EXPECTED_FAMILIES = {
@@ -19,6 +24,9 @@ EXPECTED_FAMILIES = {
     "petclf_predictions",
     "petclf_unknown",
     "petclf_model_info",
+    "petclf_queue_capacity",
+    "petclf_ood_expected_unknown_ratio",
+    "petclf_class_baseline_ratio",
 }
 
 
@@ -55,3 +63,25 @@ def test_unknown_routes_share_one_label(app_factory):
     client.get("/a")
     client.get("/b")
     assert sample(app, "petclf_requests_total", route="unmatched", status="404") == 2
+
+
+def test_rule_baselines_come_from_the_settings_and_the_bundle(app_factory, tmp_path, tiny_model, class_names):
+    # What deploy/prometheus/rules.yml compares against: MAX_QUEUE, 1 - the detector's `keep`, the validation mix.
+    val_counts = dict(zip(class_names, (10, 30, 60), strict=True))
+    path = tmp_path / "fitted.pt"
+    ood = {"score": "max-probability", "threshold": 0.4, "keep": 0.95}
+    training = {"class_counts": {"train": dict.fromkeys(class_names, 1), "val": val_counts}}
+    save_bundle(path, tiny_model, class_names, default_preprocess(TINY_IMAGE_SIZE), training=training, ood=ood)
+    app = app_factory(path, MAX_QUEUE=17)
+    assert sample(app, "petclf_queue_capacity") == 17
+    assert sample(app, "petclf_ood_expected_unknown_ratio", score="max-probability") == pytest.approx(0.05)
+    for name, count in val_counts.items():
+        assert sample(app, "petclf_class_baseline_ratio", **{"class": name}) == pytest.approx(count / 100)
+
+
+def test_no_baseline_without_a_detector_or_a_recorded_mix(app):
+    # The tiny bundle has neither: the gauges stay empty (a 0 would make every unknown look like drift).
+    exported = app.test_client().get("/metrics").get_data(as_text=True)
+    assert "petclf_ood_expected_unknown_ratio{" not in exported
+    assert "petclf_class_baseline_ratio{" not in exported
+    assert sample(app, "petclf_queue_capacity") == get_service(app).settings.max_queue

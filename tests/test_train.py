@@ -23,7 +23,7 @@ from models.training.evaluation import evaluate_bundle
 from models.training.reporting import sibling
 from models.transforms import eval_transform
 from tests.fixtures.training import FIXTURE, run_train, train_config
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, tensorboard_scalars
 from tests.numerics import beats_chance, most_flagged
 
 TRAIN_SCRIPT = str(REPO_ROOT / "scripts" / "train.py")
@@ -105,6 +105,9 @@ def test_outlier_exposure_teaches_the_service_to_flag_negatives(tmp_path, traini
     output = tmp_path / "exposed.pt"
     summary = run_train(training_data, output, **FIXTURE, outlier_exposure=0.5, outliers=str(negatives))
     assert all(row["outlier_loss"] > 0 for row in summary["history"])
+    assert tensorboard_scalars(sibling(output, ".tb"), "loss/outlier") == [
+        pytest.approx(row["outlier_loss"], rel=1e-6) for row in summary["history"]
+    ]
     assert beats_chance(round(summary["best_val_acc"] * 60), 60, classes=3), summary["best_val_acc"]
     client = app_factory(output).test_client()
     assert client.get("/model").json["ood"]["score"] == "max-probability"  # `auto` after outlier exposure
@@ -227,8 +230,10 @@ def test_torchrun_two_processes_write_one_bundle(tmp_path, demo_data):
         "model.history.csv",
         "model.history.json",
         "model.pt",
+        "model.tb",
     ]
     assert result.stdout.count("epoch   1 |") == 1  # only rank 0 logs
+    assert len(list((out_dir / "model.tb").glob("events.out.tfevents.*"))) == 1  # and writes TensorBoard events
     bundle = load_model(out_dir / "model.pt")[1]
     assert bundle.training["world_size"] == 2
     assert bundle.calibration["images"] == 12 and bundle.ood is not None  # rank 0 saw every validation image

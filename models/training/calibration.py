@@ -105,7 +105,8 @@ def fit_bundle(
     """Fit the temperature and the OOD detector of the bundle at `path` on validation images; rewrite it atomically.
 
     `reference_loader` (training images, eval transform) gives the class statistics of feature-distance
-    scores; None fits them on the validation images. Returns the calibration entry.
+    scores; None fits them on the validation images. Returns the calibration entry, plus (not saved) the
+    reliability bins before and after the temperature.
     """
     # The logits PyTorch fp32 serves (the one loader, BatchNorm folded); the bundle is rewritten from its own weights.
     loaded = load_predictor(path, runtime.device, "fp32", "torch")
@@ -121,7 +122,12 @@ def fit_bundle(
     ood = fit_detector(score, logits, features, labels, calibration["temperature"], reference)
     metrics = {**bundle.metrics, "ece_before": calibration["ece_before"], "ece_after": calibration["ece_after"]}
     save_bundle(path, model, bundle.class_names, bundle.preprocess, metrics, bundle.training, calibration, ood)
-    return calibration
+    scaled = logits.double() / calibration["temperature"]
+    return {
+        **calibration,
+        "reliability_before": reliability(torch.softmax(logits.double(), dim=1), labels),
+        "reliability_after": reliability(torch.softmax(scaled, dim=1), labels),
+    }
 
 
 def calibrate_folder(

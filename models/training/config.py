@@ -23,6 +23,7 @@ from models.transforms import AUGMENTATIONS
 DATASETS = ("folder", "oxford-pets")
 CLASS_WEIGHTS = ("none", "balanced")
 CHECKPOINT_SUFFIX = ".ckpt"
+TENSORBOARD_SUFFIX = ".tb"
 
 # `make run`: a model whose answers and unknown flag mean something, in about 10 CPU minutes on data/demo (1,200
 # training images). The unknown flag needs the full 10 epochs and outlier exposure at weight 1.0: less data or a
@@ -110,6 +111,7 @@ class TrainConfig:
     amp: str = setting("auto", one_of(*AMP_CHOICES))
     sync_bn: bool = setting(False, flag)
     seed: int = setting(0, between(int))
+    log_dir: str | None = setting(None, _path)
     # unknown inputs: outlier exposure while training, the detector fitted after it
     outlier_exposure: float = setting(0.0, _positive)
     outliers: str = setting(SYNTHETIC, _outliers)
@@ -144,10 +146,16 @@ class TrainConfig:
     @property
     def checkpoint_path(self) -> str:
         """`checkpoint`, else <output stem>.ckpt next to the bundle."""
-        if self.checkpoint:
-            return self.checkpoint
+        return self.checkpoint or self._beside_output(CHECKPOINT_SUFFIX)
+
+    @property
+    def tensorboard_dir(self) -> str:
+        """`log_dir`, else <output stem>.tb/ next to the bundle (beside its history files)."""
+        return self.log_dir or self._beside_output(TENSORBOARD_SUFFIX)
+
+    def _beside_output(self, suffix: str) -> str:
         output = Path(self.output)
-        return str(output.with_name(output.stem + CHECKPOINT_SUFFIX))
+        return str(output.with_name(output.stem + suffix))
 
     def to_dict(self) -> dict:
         """Plain types, for the bundle, the checkpoint and the history file."""

@@ -106,6 +106,11 @@ def plot_curves(epochs: list[dict], path: str | Path) -> Path:
 
 def plot_confusion(confusion: list[list[int]], class_names: list[str], path: str | Path) -> Path:
     """Confusion matrix heat map, rows = true class, columns = predicted, counts in the cells."""
+    return _save(confusion_figure(confusion, class_names), path)
+
+
+def confusion_figure(confusion: list[list[int]], class_names: list[str]):
+    """The confusion matrix heat map as a matplotlib Figure (for a file or TensorBoard)."""
     size = max(4.0, 0.45 * len(class_names) + 2)
     fig, ax = plt.subplots(figsize=(size, size), constrained_layout=True)
     image = ax.imshow(confusion, cmap="Blues")
@@ -120,6 +125,10 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: str
             for j, count in enumerate(row):
                 ax.text(j, i, count, ha="center", va="center", color="white" if count > peak / 2 else "black")
     fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -128,6 +137,11 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: str
 
 def plot_reliability(before: list[dict], after: list[dict], path: str | Path) -> Path:
     """Reliability diagram: accuracy against confidence per bin, before and after the temperature, with counts."""
+    return _save(reliability_figure(before, after), path)
+
+
+def reliability_figure(before: list[dict], after: list[dict]):
+    """The reliability diagram as a matplotlib Figure (for a file or TensorBoard)."""
     fig, (ax, counts_ax) = plt.subplots(
         2, 1, figsize=(5, 6), sharex=True, height_ratios=(3, 1), constrained_layout=True
     )
@@ -145,7 +159,4 @@ def plot_reliability(before: list[dict], after: list[dict], path: str | Path) ->
     counts_ax.set_xlabel("confidence of the top class")
     counts_ax.set_ylabel("images")
     counts_ax.set_xlim(0, 1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return fig

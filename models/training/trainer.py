@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
-from models.bundle import atomic_save, save_bundle
+from models.bundle import atomic_save, load_bundle, save_bundle
 from models.pet_classifier import PetClassifier, imagenet_weights_cached
 from models.runtime import DeviceError, Runtime, resolve_amp
 from models.training import distributed as dist_utils
@@ -46,6 +46,7 @@ from models.training.strategies import (
     set_trainable,
     trainable_at,
 )
+from models.training.tensorboard_log import TrainingBoard
 from models.transforms import default_preprocess, eval_transform, train_transform
 
 
@@ -325,22 +326,38 @@ def run_epoch(epoch: int, state: TrainState, loaders, criteria, ctx: Context, mi
 def train(config: TrainConfig) -> dict:
     """Train, keep the best bundle, checkpoint every epoch; return the best accuracy and the history."""
     ctx = setup(config)
+    board = TrainingBoard()
     try:
-        data = load_data(config, ctx)
-        report_data(data, ctx)
-        weights = resolve_weights(config)
-        state = build_state(config, data, ctx, weights)
-        lr_mults = parse_lr_mults(config.lr_mults, state.model, pretrained=weights != "none")
-        if config.resume:
-            restore(state, data, config, ctx, lr_mults)
-        world, device = ctx.dist.world_size, ctx.dist.device
-        ctx.log(f"{config.arch} ({weights} weights), {config.strategy}, {world} process(es) on {device}")
-        summary = fit(config, state, data, ctx, lr_mults, weights)
+        try:
+            data = load_data(config, ctx)
+            report_data(data, ctx)
+            weights = resolve_weights(config)
+            state = build_state(config, data, ctx, weights)
+            lr_mults = parse_lr_mults(config.lr_mults, state.model, pretrained=weights != "none")
+            if config.resume:
+                restore(state, data, config, ctx, lr_mults)
+            world, device = ctx.dist.world_size, ctx.dist.device
+            ctx.log(f"{config.arch} ({weights} weights), {config.strategy}, {world} process(es) on {device}")
+            board = TrainingBoard.open(config.tensorboard_dir, ctx.is_main, state.start_epoch, ctx.log)
+            summary = fit(config, state, data, ctx, lr_mults, weights, board)
+        finally:
+            dist_utils.cleanup()
+        if ctx.is_main:  # after leaving the process group: the other processes are done, nothing here is collective
+            summary["calibration"] = calibrate(config, data, ctx)
+            settings = {**config.to_dict(), "weights_used": weights, "world_size": ctx.dist.world_size}
+            step = state.history[-1]["epoch"] if state.history else state.start_epoch
+            board.finish(step, settings, final_metrics(config, summary), summary["calibration"])
     finally:
-        dist_utils.cleanup()
-    if ctx.is_main:  # after leaving the process group: the other processes are done, nothing here is collective
-        summary["calibration"] = calibrate(config, data, ctx)
+        board.close()
     return summary
+
+
+def final_metrics(config: TrainConfig, summary: dict) -> dict:
+    """The bundle's numeric validation metrics (its best epoch's, and the calibration's ECE), for the HParams view."""
+    if not Path(config.output).is_file():
+        return {"best_val_acc": summary["best_val_acc"]}
+    metrics = load_bundle(config.output).metrics
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def calibrate(config: TrainConfig, data: DataSplit, ctx: Context) -> dict | None:
@@ -372,13 +389,17 @@ def save_best(config: TrainConfig, state: TrainState, data: DataSplit, ctx: Cont
     save_bundle(config.output, state.model, data.class_names, preprocess, metrics, info)
 
 
-def fit(config: TrainConfig, state: TrainState, data: DataSplit, ctx: Context, lr_mults: dict, weights: str) -> dict:
-    """The epoch loop."""
+def fit(
+    config: TrainConfig, state: TrainState, data: DataSplit, ctx: Context, lr_mults: dict, weights: str,
+    board: TrainingBoard,
+) -> dict:  # fmt: skip
+    """The epoch loop; the board gets every epoch and, at the end, the best epoch's confusion matrix."""
     preprocess = default_preprocess(config.image_size)
     loaders = build_loaders(config, data, preprocess, ctx)
     exposure = build_exposure(config, data, preprocess, ctx)
     criteria = (build_criterion(config, data, ctx.dist.device), nn.CrossEntropyLoss())
     mix = build_mix(config, len(data.class_names))
+    best = None  # (epoch, validation) of this run's best epoch
     for epoch in range(state.start_epoch, config.epochs):
         groups = trainable_at(config.strategy, group_names(state.model), epoch, config.unfreeze_every)
         if set_stage(state, groups, config, ctx, lr_mults):
@@ -386,7 +407,9 @@ def fit(config: TrainConfig, state: TrainState, data: DataSplit, ctx: Context, l
         row, val = run_epoch(epoch, state, loaders, criteria, ctx, mix, exposure)
         state.history.append(row)
         ctx.log(epoch_line(row))
+        board.epoch(row, state.optimizer)
         improved = val["acc"] > state.best_acc
+        best = (epoch, val) if improved else best
         state.best_acc, state.bad_epochs = max(state.best_acc, val["acc"]), 0 if improved else state.bad_epochs + 1
         if ctx.is_main:
             if improved:
@@ -396,5 +419,7 @@ def fit(config: TrainConfig, state: TrainState, data: DataSplit, ctx: Context, l
         if config.patience > 0 and state.bad_epochs >= config.patience:
             ctx.log(f"early stop: no better val accuracy for {config.patience} epochs")
             break
+    if best is not None:
+        board.confusion(best[0], best[1]["confusion"], data.class_names)
     ctx.log(f"best val acc {state.best_acc:.3f}; bundle {config.output}")
     return {"best_val_acc": state.best_acc, "history": state.history, "output": config.output}
