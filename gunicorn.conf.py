@@ -34,6 +34,13 @@ from app import lifecycle  # noqa: E402
 from app.config import ConfigError, load_server_settings, load_settings, needs_machine_check  # noqa: E402
 
 
+def _child_check(command: list[str]) -> None:
+    """Run a start-up check in a child process; ConfigError with its last line when it fails."""
+    checked = subprocess.run(command, capture_output=True, text=True)
+    if checked.returncode:
+        raise ConfigError((checked.stderr.strip().splitlines() or [f"{command[2]} failed"])[-1])
+
+
 def _settings():
     """Validate the settings in the master, so a bad value stops it before any fork; at reload, only report."""
     server = app = None
@@ -48,9 +55,11 @@ def _settings():
                 "train a bundle first (make model, or python scripts/train.py --output PATH)"
             )
         if needs_machine_check(app):
-            checked = subprocess.run([sys.executable, "-m", "app.preflight"], capture_output=True, text=True)
-            if checked.returncode:
-                raise ConfigError((checked.stderr.strip().splitlines() or ["app.preflight failed"])[-1])
+            _child_check([sys.executable, "-m", "app.preflight"])
+        if app.backend != "torch" and not app.device.startswith("cuda"):
+            # Each bundle's ONNX Runtime graph for PRECISION where one is there (or BACKEND=onnxruntime needs it),
+            # opened by ONNX Runtime in a child: the master loads no onnxruntime either.
+            _child_check([sys.executable, "-m", "models.graphs", app.precision, app.backend, *app.model_paths])
     except ConfigError as error:
         if not lifecycle.is_reload() or server is None:  # the environment, hence the server settings, cannot change
             sys.exit(f"configuration error: {error}")

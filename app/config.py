@@ -27,6 +27,8 @@ from models.settings import (
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+AMP_ONLY = ("fp16", "bf16")  # precisions only PyTorch serves
+BACKENDS = ("auto", "torch", "onnxruntime")  # models.loader.BACKENDS
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # A model name must be one URL path segment that Kubernetes, KServe and Triton clients accept unquoted.
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -105,6 +107,8 @@ class Settings:
     model_path: str = setting(DEFAULT_BUNDLE_PATH, _paths, env="MODEL_PATH")  # several, comma-separated: an ensemble
     device: str = setting("auto", _device, env="DEVICE")
     precision: str = setting("fp32", one_of(*PRECISIONS), env="PRECISION")
+    # auto: ONNX Runtime on the CPU where the bundle's graph for PRECISION exists (scripts/export.py), else PyTorch
+    backend: str = setting("auto", one_of(*BACKENDS), env="BACKEND")
     max_batch_size: int = setting(16, between(int, 1, 1024), env="MAX_BATCH_SIZE")
     max_batch_wait_ms: float = setting(5.0, between(float, 0, 10_000), env="MAX_BATCH_WAIT_MS")
     max_queue: int = setting(256, between(int, 1, 1_000_000), env="MAX_QUEUE")
@@ -186,6 +190,12 @@ def default_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
 
 def _check_combination(settings: Settings) -> None:
     """Combinations that are wrong on any machine (no torch needed)."""
+    torch_only = settings.device.startswith("cuda") or settings.precision in AMP_ONLY
+    if settings.backend == "onnxruntime" and torch_only:
+        raise ConfigError(
+            f"BACKEND=onnxruntime with DEVICE={settings.device} and PRECISION={settings.precision}: ONNX Runtime "
+            "serves fp32 and int8 on the CPU; use BACKEND=auto (PyTorch serves the rest) or BACKEND=torch"
+        )
     if settings.gpu_decode and settings.device == "cpu":
         raise ConfigError("GPU_DECODE=true with DEVICE=cpu: decoding on the GPU needs DEVICE=cuda (or auto on a GPU)")
 

@@ -6,7 +6,6 @@ batcher, readiness, the explain gate) and knows nothing of pixels or labels.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -17,9 +16,10 @@ from app.config import ConfigError, Settings
 from models.ensemble import Ensemble
 from models.explain import OVERLAY_MAX_SIDE, grad_cam, overlay, png_bytes
 from models.images import DecodeBudget, ImageError, decode_fitted, decode_image
-from models.predictor import Member, Output, Predictor
-from models.quantize import RECOMMENDED_AGREEMENT, int8_path, load_int8
-from models.runtime import DeviceError, Runtime, fold_batchnorm, precision_problem, resolve_device, top_k
+from models.loader import load_predictor
+from models.onnx_runtime import OnnxNetwork
+from models.predictor import Output, Predictor
+from models.runtime import DeviceError, precision_problem, resolve_device, top_k
 from models.transforms import eval_transform, mirrored
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ def serving_device(settings: Settings) -> torch.device:
 class Handler:
     """The served model (one bundle or an ensemble) on one device, with its transform and labels prepared once.
 
-    `explainer` is the float32 predictor /explain differentiates: the served one, except under int8, whose
-    networks have no gradients (it then holds the members' float32 networks too).
+    `explainer` is the PyTorch float32 predictor /explain differentiates: the served one where that is PyTorch
+    fp32, else the members' float32 networks (int8 networks and ONNX Runtime sessions have no gradients).
     """
 
     def __init__(
@@ -68,6 +68,10 @@ class Handler:
         self.transform = eval_transform(ensemble.preprocess)
         self.normalize = self.transform.normalize.to(self.device)  # a copy on the device the batch is stacked on
         self.decoder = None  # set by build_handler when GPU_DECODE is on
+        self.members: tuple[dict, ...] = tuple({} for _ in ensemble.bundles)  # set by build_handler
+        # ONNX Runtime takes contiguous NCHW; PyTorch's folded networks run channels-last.
+        self.channels_last = self.runtime.channels_last
+        self.onnx_only = all(isinstance(m.model, OnnxNetwork) for m in predictor.members)
 
     def preprocess(self, data: bytes, tta: str = "none", timeout: float | None = None) -> list[torch.Tensor]:
         """Untrusted bytes -> uint8 (3, crop, crop) pixels, one per view (the mirror too for tta 'flip').
@@ -103,6 +107,8 @@ class Handler:
         """The batcher's items -> one normalised float batch on the device: uint8 pixels are normalised once per
         batch (in the batcher thread), float items (already normalised, e.g. /v2 pixels) are taken as they are."""
         items = [item.to(self.device) for item in items]  # no-ops on the CPU
+        if all(item.dtype == torch.uint8 for item in items) and not self.channels_last:
+            return self.normalize(torch.stack(items))
         if all(item.dtype == torch.uint8 for item in items):
             # Stacked as (B, H, W, 3): the batch is channels-last from the start, as the network runs it.
             return self.normalize(torch.stack([item.permute(1, 2, 0) for item in items]).permute(0, 3, 1, 2))
@@ -148,62 +154,34 @@ class Handler:
         self.predictor.warmup(batch_sizes, self.crop)
 
     def member_info(self) -> list[dict]:
-        """Per member, what serves it: the int8 file and its recorded agreement with fp32 (under int8), else {}."""
-        return [
-            {"int8": _int8_summary(member.model)} if hasattr(member.model, "info") else {}
-            for member in self.predictor.members
-        ]
+        """Per member, what serves it: backend, precision, graph (or int8 file), recorded agreement, and why; file
+        names, not the server's paths."""
+        return [_names_only(member) for member in self.members]
 
 
-def _int8_summary(network) -> dict:
-    info = network.info
-    return {
-        "file": info.get("file") and os.path.basename(info["file"]),  # the name, not the server's path
-        "agreement": (info.get("agreement") or {}).get("int8"),
-        "calibration": info.get("calibration"),
-    }
-
-
-def _int8_member(member: Member, bundle) -> Member:
-    """The member with its stored int8 network (built from its unfolded float one: FX fuses conv, BN and ReLU)."""
-    network = load_int8(bundle, member.model)
-    network.info["file"] = str(int8_path(bundle.path))
-    recorded = (network.info.get("agreement") or {}).get("int8") or {}
-    agreement = recorded.get("agreement")
-    if agreement is None or agreement < RECOMMENDED_AGREEMENT:
-        found = "no agreement recorded" if agreement is None else f"top-1 agreement with fp32 {agreement:.2%}"
-        log.warning(
-            "PRECISION=int8: %s has %s on held-out images (recommended: >= %.0f%%); its answers may differ from "
-            "fp32 more than that; measure with scripts/quantize.py",
-            network.info["file"], found, RECOMMENDED_AGREEMENT * 100,
-        )  # fmt: skip
-    return dataclasses.replace(member, model=network)
+def _names_only(value):
+    """`value` with every absolute path's folder dropped (GET /model shows names, not the server's layout)."""
+    if isinstance(value, dict):
+        return {key: _names_only(item) for key, item in value.items()}
+    if isinstance(value, str) and "/" in value:
+        return " ".join(os.path.basename(word) if "/" in word else word for word in value.split(" "))
+    return value
 
 
 def build_handler(settings: Settings, ensemble: Ensemble, device: torch.device) -> Handler:
-    """Build every member's model on `device` (the slow part of start-up); the caller sizes the CPU threads.
-
-    The service's one place that builds a predictor (the loader of models/ takes it over).
-
-    Float networks get their BatchNorms folded into the convolutions and run channels-last, on the CPU too
-    (less CPU per image; outputs equal to rounding).
-    """
-    amp = "none" if settings.precision in ("fp32", "int8") else settings.precision
-    runtime = Runtime(device, amp=amp, channels_last=True)
-    floats, served = [], []
+    """Build every member's model on `device` through the one loader (the slow part of start-up); ONNX Runtime
+    sessions open in the batcher thread at warm-up with TORCH_THREADS intra-op threads."""
+    loaded = load_predictor(ensemble, device, settings.precision, settings.backend, threads=settings.torch_threads)
     for bundle in ensemble.bundles:
-        member = Member.from_bundle(bundle, runtime)
-        served.append(_int8_member(member, bundle) if settings.precision == "int8" else member)
-        fold_batchnorm(member.model)
-        runtime.place(member.model)  # the folded convolutions channels-last too
-        floats.append(member)
-        # The model holds its own copy of the weights now; drop the bundle's to halve resident memory.
+        # The models hold their own copy of the weights now; drop the bundles' to halve resident memory.
         bundle.state_dict = {}
-    predictor = Predictor(served, runtime)
-    explainer = Predictor(floats, runtime) if settings.precision == "int8" else None
-    log.info("model %s (%s) on %s, precision %s", ensemble.version, ensemble.arch, device, settings.precision)
+    runtimes = [f"{b.path} by {m['backend']} {m['precision']} ({m['reason']})" for b, m in
+                zip(ensemble.bundles, loaded.members, strict=True)]  # fmt: skip
+    log.info("model %s (%s) on %s, BACKEND=%s: %s", ensemble.version, ensemble.arch, device, settings.backend,
+             "; ".join(runtimes))  # fmt: skip
     budget = DecodeBudget(settings.decode_budget_bytes)
-    handler = Handler(predictor, ensemble, settings.max_image_pixels, explainer, budget)
+    handler = Handler(loaded.predictor, ensemble, settings.max_image_pixels, loaded.floats, budget)
+    handler.members = loaded.members
     if settings.gpu_decode:
         from app.gpu_decode import GpuDecoder
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from app.config import ConfigError, load_settings
+from models.graphs import graph_path
 from models.quantize import int8_problem
 
 
@@ -16,9 +17,12 @@ def check() -> None:
     """Raise ConfigError for settings this machine or these bundles cannot serve."""
     settings = load_settings()
     if settings.precision == "int8":
-        problem = next(filter(None, map(int8_problem, settings.model_paths)), None)
+        # Only where PyTorch serves int8: BACKEND=torch, a CUDA device, or no int8 graph (models/graphs checks those).
+        torch_serves = [path for path in settings.model_paths if settings.backend == "torch"
+                        or settings.device.startswith("cuda") or not graph_path(path, "int8").exists()]  # fmt: skip
+        problem = next(filter(None, map(int8_problem, torch_serves)), None)
         if problem:
-            raise ConfigError(f"PRECISION=int8: {problem}")
+            raise ConfigError(f"PRECISION=int8: {problem} (or serve ONNX Runtime's int8: python scripts/export.py)")
 
 
 def main() -> int:

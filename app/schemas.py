@@ -125,10 +125,16 @@ class ModelInfoSchema(Schema):
         },
     )
     members = fields.List(
-        fields.Dict(), metadata={"description": "The bundles served (several for an ensemble): path, version, metrics"}
+        fields.Dict(),
+        metadata={
+            "description": "The bundles served (several for an ensemble): path, version, metrics, and what runs"
+            " each: backend (onnxruntime or torch), precision, graph (its ONNX file, or null), agreement (top-1"
+            " agreement with fp32 recorded at export, int8), reason (why this backend)"
+        },
     )
     device = fields.String(metadata={"description": "The torch device the model runs on"})
     precision = fields.String()
+    backend = fields.String(metadata={"description": "BACKEND: auto, torch or onnxruntime (members say which runs)"})
     ready = fields.Boolean()
     explain_concurrency = fields.Integer(metadata={"description": "Explanations one worker runs at once"})
     batching = fields.Nested(BatchingSchema)
@@ -153,6 +159,7 @@ def model_document(settings, ensemble, members: list[dict], device: str, ready: 
         "members": [{**one, **extra} for one, extra in zip(ensemble.members(), members, strict=True)],
         "device": device,
         "precision": settings.precision,
+        "backend": settings.backend,
         "ready": ready,
         "explain_concurrency": settings.explain_concurrency,
         "batching": {

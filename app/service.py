@@ -64,7 +64,9 @@ class Service:
         handler = build_handler(settings, self.bundle, self.device)
 
         def warm_up() -> None:
-            torch.set_num_threads(settings.torch_threads)
+            # Under ONNX Runtime alone its own pool (TORCH_THREADS intra-op threads) computes; torch only normalises
+            # and takes the softmax, on this one thread, so the two pools never run side by side.
+            torch.set_num_threads(1 if handler.onnx_only else settings.torch_threads)
             started = time.perf_counter()
             handler.warmup(tuple(sorted({1, settings.max_batch_size})))
             log.info("warm-up done in %.2fs", time.perf_counter() - started)

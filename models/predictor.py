@@ -14,6 +14,7 @@ from torch import nn
 
 from models.bundle import Bundle
 from models.ensemble import Ensemble
+from models.onnx_runtime import OnnxNetwork
 from models.ood import OodDetector
 from models.runtime import Runtime
 
@@ -29,9 +30,9 @@ def tta_views(images: torch.Tensor, mode: str = "none") -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class Member:
-    """One model of an ensemble: any nn.Module returning logits, its temperature and its OOD detector."""
+    """One model of an ensemble: a PetClassifier-like nn.Module or an OnnxNetwork, its temperature and detector."""
 
-    model: nn.Module
+    model: nn.Module | OnnxNetwork
     temperature: float = 1.0
     ood: OodDetector | None = None
 
@@ -54,7 +55,11 @@ class MemberOutput:
 def forward(member: Member, images: torch.Tensor, features: bool = False) -> MemberOutput:
     """One forward pass of one member over a batch on the device; features when asked or its detector reads them."""
     model = member.model
-    if features or (member.ood is not None and member.ood.needs_features):
+    wanted = features or (member.ood is not None and member.ood.needs_features)
+    if isinstance(model, OnnxNetwork):  # one run returns both; the features cost nothing extra
+        logits, penultimate = model(images)
+        return MemberOutput(logits, penultimate if wanted else None)
+    if wanted:
         features = model.backbone(images)  # PetClassifier: backbone -> penultimate features -> head
         return MemberOutput(model.head(features).float(), features.float())
     return MemberOutput(model(images).float())

@@ -50,6 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="MAX_BATCH_WAIT_MS")
     serve.add_argument("--threads", type=int, help="THREADS per worker (default: the service's)")
     serve.add_argument("--torch-threads", type=int, help="TORCH_THREADS (default: the service's)")
+    serve.add_argument("--backend", nargs="+", default=["auto"], choices=("auto", "torch", "onnxruntime"),
+                       help="BACKEND of the services (auto torch: ONNX Runtime's service beside PyTorch's); the raw "
+                       "limit runs on every runtime")  # fmt: skip
     serve.add_argument("--systems", nargs="+", default=list(KINDS), choices=KINDS, help="which systems run")
     serve.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE", help="extra environment for every system")
     parser.add_argument("--url", default="http://127.0.0.1:5000", help="server to load (serve)")
@@ -83,6 +86,7 @@ def compare(args) -> dict:
         torch_threads=args.torch_threads,
         extra_env=dict(item.split("=", 1) for item in args.env),
         systems=tuple(args.systems),
+        backends=tuple(args.backend),
     )
     report = run(config)
     print((args.out / "benchmark.md").read_text())

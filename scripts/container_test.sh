@@ -21,6 +21,7 @@ api_log_count() { docker logs "$api" 2>&1 | grep -c -- "$1" || true; }
 if [ -n "${OFFLINE_DOCKER:-}" ] && [ -x "$OFFLINE_DOCKER" ]; then
     "$OFFLINE_DOCKER"
 fi
+# Compose v2 (`docker compose`, what users type); Compose 1.29 only where v2 is missing.
 if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
 say "using $("${compose[@]}" version --short 2>/dev/null || "${compose[@]}" version | head -n 1)"
 API_PORT=$(free_port)
@@ -58,6 +59,11 @@ say "api healthy after $(($(date +%s) - started)) s in all"
 
 answer=$(curl -sS --fail -F "image=@$PHOTO" "http://127.0.0.1:$API_PORT/predict")
 python3 -c 'import json, sys; r = json.loads(sys.argv[1]); print("container-test: /predict ->", r["predicted_class"], r["confidence"], r["model_version"])' "$answer"
+
+# The train service wrote the bundle's ONNX Runtime graphs: the CPU serves through ONNX Runtime.
+backends=$(curl -sS --fail "http://127.0.0.1:$API_PORT/model" | python3 -c 'import json, sys; print(" ".join(m["backend"] for m in json.load(sys.stdin)["members"]))')
+[ "$backends" = onnxruntime ] || { say "the api serves through '$backends', not onnxruntime"; exit 1; }
+say "served by ONNX Runtime (GET /model: backend $backends)"
 
 say "reloading: kill -HUP to gunicorn's master (PID 1 in the container)"
 docker kill --signal HUP "$api" >/dev/null

@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from models.bundle import BundleError
+from models.loader import BACKENDS, PRECISIONS
 from models.predictor import TTA_MODES
-from models.runtime import AMP_CHOICES
 from models.training.config import flag_message
 from models.training.evaluation import MODEL_HELP, default_workers, evaluate_bundle, model_paths, summary
 
@@ -32,7 +32,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=default_workers(), help="data-loader processes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    parser.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision for inference")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="as PRECISION serves it")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="as BACKEND serves it (auto: ONNX "
+                        "Runtime on the CPU where the bundle's graph exists)")  # fmt: skip
     parser.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation (flip: + mirror)")
     parser.add_argument("--unknown-dir", help="images of none of the classes: report the share flagged unknown")
     parser.add_argument("--noise", type=int, default=0, help="also report the share of N random-noise images flagged")
@@ -45,11 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     models = model_paths(args.model)
     try:
         report = evaluate_bundle(
-            models, args.data_dir, args.out, args.batch_size, args.workers, args.device, args.amp, args.tta,
-            args.unknown_dir, args.noise,
+            models, args.data_dir, args.out, args.batch_size, args.workers, args.device, args.precision, args.tta,
+            args.unknown_dir, args.noise, args.backend,
         )  # fmt: skip
     except (BundleError, ValueError) as error:
-        sys.exit(f"error: {flag_message(str(error), ('device', 'amp', 'data_dir'))}")
+        sys.exit(f"error: {flag_message(str(error), ('device', 'precision', 'backend', 'data_dir'))}")
     print(summary(report, args.out))
 
 

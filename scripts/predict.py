@@ -11,8 +11,8 @@ import argparse
 import sys
 
 from models.bundle import BundleError
+from models.loader import BACKENDS, PRECISIONS
 from models.predictor import TTA_MODES
-from models.runtime import AMP_CHOICES
 from models.training.config import flag_message
 from models.training.evaluation import MODEL_HELP, default_workers, model_paths
 from models.training.prediction import FORMATS, predict_files, render, write_output
@@ -34,7 +34,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=default_workers(), help="data-loader processes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    parser.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision for inference")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="as PRECISION serves it")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="as BACKEND serves it (auto: ONNX "
+                        "Runtime on the CPU where the bundle's graph exists)")  # fmt: skip
     parser.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation (flip: + mirror)")
     return parser
 
@@ -45,10 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     models = model_paths(args.model)
     try:
         rows = predict_files(
-            models, args.inputs, args.top_k, args.batch_size, args.workers, args.device, args.amp, args.tta
+            models, args.inputs, args.top_k, args.batch_size, args.workers, args.device, args.precision, args.tta,
+            args.backend,
         )
     except (BundleError, ValueError) as error:
-        sys.exit(f"error: {flag_message(str(error), ('device', 'amp'))}")
+        sys.exit(f"error: {flag_message(str(error), ('device', 'precision', 'backend'))}")
     write_output(render(rows, args.format), args.output)
 
 

@@ -43,9 +43,11 @@ def test_compare_mode_runs_every_system_once(tiny_bundle_path, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "benchmark.json").read_text())
     assert report["config"]["extra_env"] == {"LOG_LEVEL": "info"}
-    systems = {(s["kind"], s["precision"]): s for s in report["systems"]}
-    raw = systems["raw", "fp32"]
+    systems = {(s["kind"], s["precision"]): s for s in report["systems"] if s["kind"] != "raw"}
+    raws = {s["backend"]: s for s in report["systems"] if s["kind"] == "raw"}
+    raw = raws["torch"]  # the raw limit runs on every runtime: PyTorch, and ONNX Runtime, skipped without a graph
     assert raw["throughput"] > 0 and raw["forward_ms_b1"] > 0 and raw["torch_threads"] == 1
+    assert "no fp32 graph" in raws["onnxruntime"]["skipped"] and "scripts/export.py" in raws["onnxruntime"]["skipped"]
     for kind in ("service", "unbatched", "naive"):
         (point,) = systems[kind, "fp32"]["points"]
         assert point["concurrency"] == 2 and point["errors"] == 0 and point["throughput"] > 0, kind
@@ -85,3 +87,26 @@ def test_gpu_check_parses_its_arguments_and_needs_cuda(tmp_path):
     refused = _gpu_check("--out", str(tmp_path / "out"), "--wheelhouse", str(tmp_path))
     assert refused.returncode == 3 and "no CUDA device" in refused.stderr
     assert not (tmp_path / "out").exists()  # refused before installing or writing anything
+
+
+def test_targets_use_the_fastest_raw_runtime_and_compare_the_services():
+    from tools.benchmark import fastest_raw, targets
+
+    def service(backend, throughput):
+        point = {"concurrency": 32, "throughput": throughput, "p50_ms": 100.0, "p99_ms": 150.0}
+        return {"kind": "service", "precision": "int8", "backend": backend, "points": [point]}
+
+    report = {
+        "config": {"concurrencies": [32], "precisions": ["int8"]},
+        "systems": [
+            {"kind": "raw", "precision": "int8", "backend": "torch", "throughput": 60.0},
+            {"kind": "raw", "precision": "int8", "backend": "onnxruntime", "throughput": 80.0},
+            {"kind": "raw", "precision": "int8", "backend": "onnxruntime", "skipped": "no graph"},
+            service("auto", 64.0),
+            service("torch", 48.0),
+        ],
+    }
+    assert fastest_raw(report, "int8")["backend"] == "onnxruntime"
+    values = {row["target"]: row["value"] for row in targets(report)}
+    assert values["service/raw throughput, most clients"] == 0.8  # 64 / the fastest raw's 80, not PyTorch's 60
+    assert values["service/PyTorch service throughput, most clients"] == round(64 / 48, 3)

@@ -18,6 +18,7 @@ import requests
 import yaml
 
 from models.bundle import load_bundle
+from models.graphs import graph_path
 from tests.helpers import DOCKERFILE, REPO_ROOT, dockerfile_instructions
 from tools.harness import free_port
 
@@ -283,6 +284,8 @@ def test_train_service_command_trains_once_then_reuses(tmp_path):
     assert first.returncode == 0, first.stdout + first.stderr
     assert "training the demo model" in first.stdout
     assert load_bundle(bundle).class_names == ["circle", "square", "triangle"]
+    # ... and its ONNX Runtime graphs beside it, so the api serves the CPU through ONNX Runtime.
+    assert all(graph_path(bundle, precision).is_file() for precision in ("fp32", "int8")), first.stdout
     second = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=60)
     assert second.returncode == 0
     assert f"using existing bundle {bundle}" in second.stdout

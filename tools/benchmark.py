@@ -39,7 +39,10 @@ GOALS = {
     "1-client p50 / naive p50": (1.0, False),
     "service/naive throughput, most clients": (2.5, True),
     "p99/p50, most clients": (2.5, False),
+    # issue 22: the service (BACKEND=auto) against the same precision's BACKEND=torch service in the run.
+    "service/PyTorch service throughput, most clients": (1.2, True),
 }
+RAW_BACKENDS = ("torch", "onnxruntime")  # the raw limit runs on every runtime that serves the precision
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class BenchmarkConfig:
     torch_threads: int | None = None
     extra_env: dict = field(default_factory=dict)
     systems: tuple[str, ...] = tuple(KINDS)  # which of raw, service, unbatched, naive run
+    backends: tuple[str, ...] = ("auto",)  # BACKEND of the services; auto: ONNX Runtime where a graph exists
 
     def env(self, **overrides) -> dict:
         """The environment every server (and the raw probe) of this run gets."""
@@ -79,21 +83,23 @@ def _timed(step: Callable[[], object], seconds: float) -> list[float]:
     return durations
 
 
-def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: float) -> dict:
+def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: float, backend: str = "auto") -> dict:
     """The service's preprocessing and forward pass in this process, without HTTP, queue or threads around them."""
     import torch
 
     from app.config import ConfigError, load_settings
     from app.inference import build_handler, serving_device
     from models.ensemble import load_ensemble
+    from models.graphs import GraphError
     from models.quantize import QuantizationError
 
     try:
-        settings = load_settings(overrides={"MODEL_PATH": model, "PRECISION": precision})
+        settings = load_settings(overrides={"MODEL_PATH": model, "PRECISION": precision, "BACKEND": backend})
         ensemble = load_ensemble(settings.model_paths)
-        torch.set_num_threads(settings.torch_threads)  # one thread does everything here: one OpenMP team
         handler = build_handler(settings, ensemble, serving_device(settings))
-    except (ConfigError, QuantizationError) as error:
+        # One thread does everything here; under ONNX Runtime its own pool computes (as in the batcher).
+        torch.set_num_threads(1 if handler.onnx_only else settings.torch_threads)
+    except (ConfigError, QuantizationError, GraphError) as error:
         return {"skipped": str(error)}
     data = Path(image).read_bytes()
     preprocess = _timed(lambda: handler.preprocess(data), min(seconds, 3.0))
@@ -109,7 +115,8 @@ def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: 
     forward_ms = statistics.median(single) * 1000
     return {
         "device": str(handler.device),
-        "torch_threads": torch.get_num_threads(),
+        "backend": handler.member_info()[0]["backend"],
+        "torch_threads": settings.torch_threads,
         "preprocess_ms": round(statistics.median(preprocess) * 1000, 2),
         "forward_ms_b1": round(forward_ms, 1),
         "throughput_b1": round(1000 / forward_ms, 2),
@@ -122,15 +129,16 @@ def raw_limit(model: str, image: str, precision: str, batch_size: int, seconds: 
     }
 
 
-def run_raw(config: BenchmarkConfig, precision: str) -> dict:
+def run_raw(config: BenchmarkConfig, precision: str, backend: str = "torch") -> dict:
     """raw_limit in a child process with the servers' environment (threads and OpenMP settings as theirs)."""
     args = {"model": str(Path(config.model).resolve()), "image": str(config.image), "precision": precision}
+    args["backend"] = backend
     args.update(batch_size=config.max_batch_size, seconds=config.seconds)
-    env = {**os.environ, **config.env(PRECISION=precision)}
+    env = {**os.environ, **config.env(PRECISION=precision, BACKEND=backend)}
     result = subprocess.run(
         [sys.executable, "-c", RAW_PROBE, json.dumps(args)], cwd=ROOT, env=env, capture_output=True, text=True
     )
-    system = _system("raw", precision)
+    system = _system("raw", precision, backend)
     if result.returncode:
         return {**system, "error": result.stderr.strip().splitlines()[-5:]}
     return {**system, **json.loads(result.stdout.splitlines()[-1])}
@@ -176,8 +184,9 @@ def run_server(config: BenchmarkConfig, system: dict, env: dict, command=SERVER_
     return {**system, "env": env, "points": points, "rss_series": rss.samples}
 
 
-def _system(kind: str, precision: str) -> dict:
-    return {"system": f"{KINDS[kind]} ({precision})", "kind": kind, "precision": precision}
+def _system(kind: str, precision: str, backend: str = "auto") -> dict:
+    label = precision if backend == "auto" else f"{precision}, {backend}"
+    return {"system": f"{KINDS[kind]} ({label})", "kind": kind, "precision": precision, "backend": backend}
 
 
 def run(config: BenchmarkConfig, progress: Callable[[str], None] = print) -> dict:
@@ -191,9 +200,12 @@ def run(config: BenchmarkConfig, progress: Callable[[str], None] = print) -> dic
 
     wanted = set(config.systems)
     for precision in config.precisions if "raw" in wanted else ():
-        record(run_raw(config, precision))
+        for backend in RAW_BACKENDS:
+            record(run_raw(config, precision, backend))
     for precision in config.precisions if "service" in wanted else ():
-        record(run_server(config, _system("service", precision), config.env(PRECISION=precision)))
+        for backend in config.backends:
+            env = config.env(PRECISION=precision, BACKEND=backend)
+            record(run_server(config, _system("service", precision, backend), env))
     first = config.precisions[0]
     if "unbatched" in wanted:
         record(run_server(config, _system("unbatched", first), config.env(PRECISION=first, MAX_BATCH_SIZE=1)))
@@ -238,14 +250,24 @@ def _point(system: dict | None, concurrency: int) -> dict | None:
     return next((p for p in points if p["concurrency"] == concurrency), None)
 
 
+def fastest_raw(report: dict, precision: str) -> dict:
+    """The raw limit of `precision` on its fastest runtime in this run ({} when none ran)."""
+    raws = [s for s in report["systems"] if s["kind"] == "raw" and s["precision"] == precision and "throughput" in s]
+    return max(raws, key=lambda s: s["throughput"], default={})
+
+
 def targets(report: dict) -> list[dict]:
-    """The issue's targets as ratios from this run, per precision (skipped where a system did not run)."""
-    systems = {(s["kind"], s["precision"]): s for s in report["systems"]}
+    """The issue's targets as ratios from this run, per precision (skipped where a system did not run); raw limits
+    are the fastest runtime's of the precision."""
+    systems = {(s["kind"], s["precision"]): s for s in report["systems"] if s.get("backend", "auto") == "auto"}
+    torch_services = {
+        s["precision"]: s for s in report["systems"] if s["kind"] == "service" and s.get("backend") == "torch"
+    }
     most, one = max(report["config"]["concurrencies"]), min(report["config"]["concurrencies"])
     naive_most, naive_one = _point(systems.get(("naive", "fp32")), most), _point(systems.get(("naive", "fp32")), 1)
     rows = []
     for precision in report["config"]["precisions"]:
-        raw = systems.get(("raw", precision)) or {}
+        raw = fastest_raw(report, precision)
         served_most, served_one = (
             _point(systems.get(("service", precision)), most),
             _point(systems.get(("service", precision)), one),
@@ -261,6 +283,11 @@ def targets(report: dict) -> list[dict]:
             values["1-client p50 / naive p50"] = served_one["p50_ms"] / naive_one["p50_ms"]
         if served_most and naive_most and naive_most["throughput"]:
             values["service/naive throughput, most clients"] = served_most["throughput"] / naive_most["throughput"]
+        torch_most = _point(torch_services.get(precision), most)
+        if served_most and torch_most and torch_most["throughput"]:
+            values["service/PyTorch service throughput, most clients"] = (
+                served_most["throughput"] / torch_most["throughput"]
+            )
         if served_most and served_most["p50_ms"]:
             values["p99/p50, most clients"] = served_most["p99_ms"] / served_most["p50_ms"]
         for name, value in values.items():
@@ -356,10 +383,12 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def untrained_bundle(
-    arch: str, path: str | os.PathLike, image: str, int8: bool = False, image_size: int = 224, classes: int = 37
+    arch: str, path: str | os.PathLike, image: str, int8: bool = False, image_size: int = 224, classes: int = 37,
+    graphs: bool = True,
 ) -> str:
-    """An untrained `arch` PetClassifier bundle (seeded; default_preprocess(image_size)), and with `int8` its int8
-    network calibrated on `image` alone: for timing only, their predictions mean nothing. Written once, reused."""
+    """An untrained `arch` PetClassifier bundle (seeded; default_preprocess(image_size)), with `int8` its PyTorch int8
+    network, with `graphs` its ONNX Runtime graphs (fp32, and int8 with `int8`), int8 calibrated on `image` alone:
+    for timing only, their predictions mean nothing. Written once, reused."""
     import torch
 
     from models.bundle import load_model, save_bundle
@@ -379,4 +408,24 @@ def untrained_bundle(
         quantized = quantize(model, [torch.stack([tensor] * 4)], bundle.preprocess["crop"])
         info = {"calibration": {"images": 1, "data": f"{image} only: for timing, not for accuracy"}}
         save_int8(int8_path(path), quantized, bundle, info)
+    if graphs:
+        _untrained_graphs(path, image, ("fp32", "int8") if int8 else ("fp32",))
     return str(path)
+
+
+def _untrained_graphs(path: str | os.PathLike, image: str, precisions: tuple[str, ...]) -> None:
+    import torch
+
+    from models.graphs import graph_path
+    from models.images import load_image
+    from models.loader import load_predictor
+    from models.training.export import write_graphs
+    from models.transforms import eval_transform
+
+    missing = tuple(p for p in precisions if not graph_path(path, p).is_file())
+    if missing:
+        loaded = load_predictor(path, "cpu", "fp32", "torch")
+        bundle = loaded.ensemble.bundles[0]
+        tensor = eval_transform(bundle.preprocess)(load_image(image, min_size=bundle.preprocess["resize"]))
+        batch = torch.stack([tensor, tensor.flip(-1)] * 2)
+        write_graphs(bundle, loaded.floats, missing, [batch], source=f"{image} only: for timing, not for accuracy")

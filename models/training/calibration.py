@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from models.bundle import load_bundle, load_model, save_bundle
-from models.predictor import Member, Predictor
+from models.bundle import load_bundle, save_bundle
+from models.loader import load_predictor
 from models.runtime import Runtime, resolve_device
 from models.training.data import DataError, ImageList, discover, make_loader
 from models.training.engine import collect_outputs
@@ -108,8 +108,10 @@ def fit_bundle(
     scores; None fits them on the validation images. Returns the calibration entry, plus (not saved) the
     reliability bins before and after the temperature.
     """
-    model, bundle = load_model(path, runtime.device)
-    predictor = Predictor([Member(runtime.place(model))], runtime)
+    # The logits PyTorch fp32 serves (the one loader, BatchNorm folded); the bundle is rewritten from its own weights.
+    loaded = load_predictor(path, runtime.device, "fp32", "torch")
+    predictor, bundle = loaded.predictor, loaded.ensemble.bundles[0]
+    model = bundle.build_model("cpu")
     views, labels = collect_outputs(predictor, val_loader, features=True, progress=progress)
     logits, features = views[0][0].logits.cpu(), views[0][0].features.cpu()
     calibration = calibration_entry(logits, labels)

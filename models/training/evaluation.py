@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from models.ensemble import Ensemble, load_ensemble
+from models.ensemble import Ensemble
+from models.loader import backend_of, load_predictor
 from models.paths import DEFAULT_BUNDLE_PATH
 from models.predictor import MemberOutput, Output, Predictor, average
-from models.runtime import DeviceError, Runtime, resolve_amp, resolve_device
+from models.runtime import DeviceError
 from models.training.calibration import ECE_BINS, expected_calibration_error, reliability
 from models.training.data import DataError, ImageList, folder_samples, image_files, make_loader, scan
 from models.training.demo_data import noise_image
@@ -38,15 +39,16 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def inference_setup(model_paths, device: str = "auto", amp: str = "none") -> tuple[Predictor, Ensemble]:
-    """(predictor, ensemble) for offline inference: one bundle or several (a list, or 'a.pt,b.pt')."""
+def inference_setup(
+    model_paths, device: str = "auto", precision: str = "fp32", backend: str = "auto"
+) -> tuple[Predictor, Ensemble]:
+    """(predictor, ensemble) for offline inference through the serving loader: one bundle or several (a list, or
+    'a.pt,b.pt'), at the precision and on the runtime serving would use, so what is evaluated is what is served."""
     try:
-        resolved = resolve_device(device)
-        runtime = Runtime(resolved, resolve_amp(amp, resolved))
+        loaded = load_predictor(model_paths, device, precision, backend, threads=torch.get_num_threads())
     except DeviceError as error:
-        raise DeviceError(f"`device` {device} / `amp` {amp}: {error}") from error
-    ensemble = load_ensemble(model_paths)
-    return Predictor.from_ensemble(ensemble, runtime), ensemble
+        raise DeviceError(f"`device` {device} / `precision` {precision}: {error}") from error
+    return loaded.predictor, loaded.ensemble
 
 
 def eval_root(data_dir: str | Path) -> Path:
@@ -151,10 +153,11 @@ def evaluate_bundle(
     batch_size: int = 64,
     workers: int | None = None,
     device: str = "auto",
-    amp: str = "none",
+    precision: str = "fp32",
     tta: str = "none",
     unknown_dir: str | Path | None = None,
     noise: int = 0,
+    backend: str = "auto",
 ) -> dict:
     """Evaluate a bundle (or 'a.pt,b.pt' / a list: an ensemble) on DIR/val (or DIR).
 
@@ -162,7 +165,7 @@ def evaluate_bundle(
     of them flagged unknown. Writes report.json, confusion.png and reliability.png under `out`.
     """
     workers = default_workers() if workers is None else workers
-    predictor, ensemble = inference_setup(model_path, device, amp)
+    predictor, ensemble = inference_setup(model_path, device, precision, backend)
     root = eval_root(data_dir)
     samples, _, skipped = scan(folder_samples(root, ensemble.class_names), workers=max(workers, 2))
     if not samples:
@@ -174,7 +177,8 @@ def evaluate_bundle(
     views, labels = collect_outputs(predictor, loader_for(dataset), tta, progress=progress_enabled(True))
     report = evaluation_report(views, labels, predictor, ensemble.class_names)
     report["unknown_elsewhere"] = unknown_rates(predictor, ensemble.preprocess, loader_for, unknown_dir, noise)
-    report.update(model=str(model_path), version=ensemble.version, data_dir=str(root), skipped_images=skipped)
+    report.update(model=str(model_path), version=ensemble.version, data_dir=str(root), skipped_images=skipped,
+                  precision=precision, backends=[backend_of(m.model) for m in predictor.members])  # fmt: skip
     out = Path(out)
     write_json(out / "report.json", report)
     plot_confusion(report["confusion_matrix"], ensemble.class_names, out / "confusion.png")

@@ -97,15 +97,16 @@ def predict_files(
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "auto",
-    amp: str = "none",
+    precision: str = "fp32",
     tta: str = "none",
+    backend: str = "auto",
 ) -> list[dict]:
     """Predict every input file (folders searched recursively) with a bundle or an ensemble ('a.pt,b.pt' or a list).
 
     Unreadable files get an `error`, never a crash. Probabilities are calibrated, as served.
     """
     workers = default_workers() if workers is None else workers
-    predictor, ensemble = inference_setup(model_path, device, amp)
+    predictor, ensemble = inference_setup(model_path, device, precision, backend)
     files = input_files(inputs)
     loader = make_loader(PredictFiles(files, ensemble.preprocess), batch_size, workers)
     output, errors = predict_outputs(predictor, loader, tta, progress=progress_enabled(True))
