@@ -65,12 +65,13 @@ def choose_backend(bundle_path: str, device: torch.device, precision: str, backe
             raise GraphError(f"ONNX Runtime serves {served}, not {precision}; use backend torch")
         return "torch", f"ONNX Runtime serves {' and '.join(GRAPH_PRECISIONS)}; {precision} runs on PyTorch"
     path = graph_path(bundle_path, precision)
-    if path.exists():
-        return "onnxruntime", f"its {precision} graph {path} exists"
+    if path.exists():  # the reason is shown by GET /model: file names, never the server's paths
+        return "onnxruntime", f"its {precision} graph {path.name} exists"
     if backend == "onnxruntime":
         command = export_command(bundle_path)
         raise GraphError(f"backend onnxruntime: no {precision} graph at {path}; make it with: {command}")
-    return "torch", f"no {precision} graph at {path} (make one with: {export_command(bundle_path)})"
+    command = export_command(os.path.basename(bundle_path))
+    return "torch", f"no {precision} graph at {path.name} (make one with: {command})"
 
 
 def _header(bundle) -> dict:

@@ -271,8 +271,9 @@ def test_gunicorn_refusals_answer_in_the_json_error_shape(limited, head, status,
 
 
 def test_model_shows_bundle_file_names_not_server_paths(limited, tiny_bundle_path):
-    members = requests.get(f"{limited.url}/model", timeout=10).json()["members"]
-    assert [member["path"] for member in members] == [tiny_bundle_path.name]
+    document = requests.get(f"{limited.url}/model", timeout=10)
+    assert [member["path"] for member in document.json()["members"]] == [tiny_bundle_path.name]
+    assert str(tiny_bundle_path.parent) not in document.text  # nor in any other field (the backend's reason)
 
 
 def test_threads_clients_at_once_with_the_costliest_image_stay_under_the_ceiling(limited, tiny_bundle_path):
