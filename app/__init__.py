@@ -6,7 +6,7 @@ Flask or the app.
 
 from __future__ import annotations
 
-import importlib
+from models.lazy import lazy_attributes
 
 _HOMES = {
     "ConfigError": "app.config",
@@ -16,9 +16,4 @@ _HOMES = {
 }
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str):
-    """`from app import create_app` imports app.factory now."""
-    if name not in _HOMES:
-        raise AttributeError(f"module 'app' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_attributes("app", _HOMES)  # `from app import create_app` imports app.factory now.

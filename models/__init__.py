@@ -5,7 +5,7 @@ The names below load on first use: importing a torch-free module (models.paths, 
 
 from __future__ import annotations
 
-import importlib
+from models.lazy import lazy_attributes
 
 _HOMES = {
     "Bundle": "models.bundle",
@@ -23,9 +23,4 @@ _HOMES = {
 }
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str):
-    """`from models import PetClassifier` imports models.pet_classifier now."""
-    if name not in _HOMES:
-        raise AttributeError(f"module 'models' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__getattr__ = lazy_attributes("models", _HOMES)  # `from models import PetClassifier` imports models.pet_classifier now.
