@@ -6,9 +6,9 @@ because it picks its (multiprocess) value class at import time. gunicorn execute
 every reload (HUP), in the running master: nothing here may stop that master.
 """
 
+import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -30,15 +30,14 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 # The master imports no torch, Flask or app code (tests/test_server.py checks a running one): app.lifecycle and
 # app.config import none, and the checks that need torch run in a child process (app/preflight.py).
-from app import lifecycle  # noqa: E402
-from app.config import ConfigError, load_server_settings, load_settings, needs_machine_check  # noqa: E402
-
-
-def _child_check(command: list[str]) -> None:
-    """Run a start-up check in a child process; ConfigError with its last line when it fails."""
-    checked = subprocess.run(command, capture_output=True, text=True)
-    if checked.returncode:
-        raise ConfigError((checked.stderr.strip().splitlines() or [f"{command[2]} failed"])[-1])
+from app import lifecycle, preflight  # noqa: E402
+from app.config import (  # noqa: E402
+    ConfigError,
+    load_server_settings,
+    load_settings,
+    measures_backends,
+    needs_machine_check,
+)
 
 
 def _settings():
@@ -54,12 +53,16 @@ def _settings():
                 f"MODEL_PATH={missing[0]!r} is not a file; "
                 "train a bundle first (make model, or python scripts/train.py --output PATH)"
             )
-        if needs_machine_check(app):
-            _child_check([sys.executable, "-m", "app.preflight"])
+        os.environ.pop(preflight.BACKENDS_ENV, None)  # a reload measures again
         if app.backend != "torch" and not app.device.startswith("cuda"):
             # Each bundle's ONNX Runtime graph for PRECISION where one is there (or BACKEND=onnxruntime needs it),
             # opened by ONNX Runtime in a child: the master loads no onnxruntime either.
-            _child_check([sys.executable, "-m", "models.graphs", app.precision, app.backend, *app.model_paths])
+            preflight.run_child([sys.executable, "-m", "models.graphs", app.precision, app.backend, *app.model_paths])
+        if needs_machine_check(app) or measures_backends(app):
+            # The torch checks, and BACKEND=auto's trial of both runtimes, once, before any fork: every worker
+            # serves the runtime it chose (app/preflight.py).
+            choices = preflight.run_child([sys.executable, "-m", "app.preflight"])
+            os.environ[preflight.BACKENDS_ENV] = json.dumps(preflight.parse_choices(choices))
     except ConfigError as error:
         if not lifecycle.is_reload() or server is None:  # the environment, hence the server settings, cannot change
             sys.exit(f"configuration error: {error}")

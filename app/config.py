@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from models.graphs import GRAPH_PRECISIONS, graph_path
 from models.images import DEFAULT_MAX_PIXELS
 from models.paths import DEFAULT_BUNDLE_PATH, PATH_SEPARATOR, parse_paths
 from models.settings import (
@@ -107,7 +108,8 @@ class Settings:
     model_path: str = setting(DEFAULT_BUNDLE_PATH, _paths, env="MODEL_PATH")  # several, comma-separated: an ensemble
     device: str = setting("auto", _device, env="DEVICE")
     precision: str = setting("fp32", one_of(*PRECISIONS), env="PRECISION")
-    # auto: ONNX Runtime on the CPU where the bundle's graph for PRECISION exists (scripts/export.py), else PyTorch
+    # auto: on the CPU the faster of ONNX Runtime and PyTorch, timed at start-up, where the bundle's graph for PRECISION
+    # exists (scripts/export.py) and PyTorch serves it too; else whichever can; PyTorch on CUDA
     backend: str = setting("auto", one_of(*BACKENDS), env="BACKEND")
     max_batch_size: int = setting(16, between(int, 1, 1024), env="MAX_BATCH_SIZE")
     max_batch_wait_ms: float = setting(5.0, between(float, 0, 10_000), env="MAX_BATCH_WAIT_MS")
@@ -203,6 +205,15 @@ def _check_combination(settings: Settings) -> None:
 def needs_machine_check(settings: Settings) -> bool:
     """Whether PRECISION and DEVICE depend on what this machine has (checking that imports torch)."""
     return settings.precision != "fp32"
+
+
+def measures_backends(settings: Settings) -> bool:
+    """Whether start-up times ONNX Runtime against PyTorch (app/preflight.py): BACKEND=auto, not on CUDA, and a
+    bundle's graph for PRECISION exists (both runtimes may serve it; the trial decides which does)."""
+    graphs = settings.precision in GRAPH_PRECISIONS and any(
+        graph_path(path, settings.precision).exists() for path in settings.model_paths
+    )
+    return settings.backend == "auto" and not settings.device.startswith("cuda") and graphs
 
 
 def check_machine(settings: Settings) -> None:

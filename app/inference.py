@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from app.config import ConfigError, Settings
+from app.preflight import chosen_backends
 from models.ensemble import Ensemble
 from models.explain import OVERLAY_MAX_SIDE, grad_cam, overlay, png_bytes
 from models.images import DecodeBudget, ImageError, decode_fitted, decode_image
@@ -171,7 +172,8 @@ def _names_only(value):
 def build_handler(settings: Settings, ensemble: Ensemble, device: torch.device) -> Handler:
     """Build every member's model on `device` through the one loader (the slow part of start-up); ONNX Runtime
     sessions open in the batcher thread at warm-up with TORCH_THREADS intra-op threads."""
-    loaded = load_predictor(ensemble, device, settings.precision, settings.backend, threads=settings.torch_threads)
+    chosen = chosen_backends(settings)  # BACKEND=auto's runtimes, measured once before gunicorn forked this worker
+    loaded = load_predictor(ensemble, device, settings.precision, settings.backend, settings.torch_threads, chosen)
     for bundle in ensemble.bundles:
         # The models hold their own copy of the weights now; drop the bundles' to halve resident memory.
         bundle.state_dict = {}

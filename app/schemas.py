@@ -129,7 +129,9 @@ class ModelInfoSchema(Schema):
         metadata={
             "description": "The bundles served (several for an ensemble): path, version, metrics, and what runs"
             " each: backend (onnxruntime or torch), precision, graph (its ONNX file, or null), agreement (top-1"
-            " agreement with fp32 recorded at export, int8), reason (why this backend)"
+            " agreement with fp32 recorded at export, int8), reason (why this backend), measured (BACKEND=auto on the"
+            " CPU, where both runtimes can serve: backend, batch, threads, seconds and per candidate its file and"
+            " ms_per_image, timed once at start-up; null when one runtime could serve)"
         },
     )
     device = fields.String(metadata={"description": "The torch device the model runs on"})

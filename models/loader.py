@@ -1,10 +1,11 @@
 """The one loader: bundle paths, device, precision and backend -> the predictor that runs them.
 
 Serving, evaluation, offline prediction, calibration, quantization, export and the benchmark's raw limit all
-build their predictor here, so what is evaluated is what is served. Per member it picks the runtime:
-ONNX Runtime on the CPU when the member's graph for the precision exists (backend auto) or is asked for
-(onnxruntime), PyTorch otherwise, and always on CUDA. PyTorch float networks get their BatchNorms folded and
-run channels-last (measured on ResNet-50: 15-28% less CPU per image, outputs equal to rounding).
+build their predictor here, so what is evaluated is what is served. Per member it picks the runtime: under backend
+auto on the CPU, the faster of ONNX Runtime and PyTorch, timed on this machine (models/choice.py), where both can
+serve the precision (the member's graph exists; for int8 its PyTorch int8 file too), else the one that can; ONNX
+Runtime when asked for (onnxruntime); PyTorch otherwise, and always on CUDA. PyTorch float networks get their
+BatchNorms folded and run channels-last (measured on ResNet-50: 15-28% less CPU per image, outputs equal to rounding).
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from models.choice import TRIAL_BATCH, faster, trial_images
 from models.ensemble import Ensemble, load_ensemble
 from models.graphs import GRAPH_PRECISIONS, GraphError, check_graph, export_command, graph_path
 from models.onnx_runtime import OnnxNetwork
 from models.predictor import Member, Predictor
-from models.quantize import RECOMMENDED_AGREEMENT, int8_path, load_int8
+from models.quantize import RECOMMENDED_AGREEMENT, QuantizationError, int8_path, int8_problem, load_int8
 from models.runtime import DeviceError, Runtime, fold_batchnorm, precision_problem, resolve_device
 
 log = logging.getLogger(__name__)
@@ -99,28 +101,86 @@ def _warn_agreement(where: str, recorded: dict | None) -> None:
         )  # fmt: skip
 
 
-def _member(bundle, runtime: Runtime, precision: str, backend: str, threads: int) -> tuple[Member, Member, dict]:
-    """(served member, PyTorch fp32 member, what serves it) for one bundle."""
-    chosen, why = choose_backend(bundle.path, runtime.device, precision, backend)
-    floats = Member.from_bundle(bundle, runtime)
-    if chosen == "onnxruntime":
+def _candidates(bundle, device: torch.device, precision: str, backend: str) -> tuple[tuple[str, ...], str]:
+    """The runtimes that can serve one member (ONNX Runtime first), and why: both under auto on the CPU when the
+    graph for `precision` exists and PyTorch serves it too (fp32 always; int8 with a current int8 file)."""
+    chosen, why = choose_backend(bundle.path, device, precision, backend)
+    if backend != "auto" or chosen != "onnxruntime":
+        return (chosen,), why
+    problem = precision_problem(precision, device) or (int8_problem(bundle.path) if precision == "int8" else None)
+    if problem:
+        return (chosen,), f"{why}; PyTorch's {precision} is no candidate: {problem}"
+    return ("onnxruntime", "torch"), why
+
+
+def _build(name: str, floats: Member, bundle, runtime: Runtime, precision: str, threads: int) -> tuple[Member, dict]:
+    """The member as runtime `name` serves it, and what GET /model says of it."""
+    if name == "onnxruntime":
         path = graph_path(bundle.path, precision)
         info = check_graph(path, _header(bundle), precision, bundle.path)
         network = OnnxNetwork(path, precision, threads, info)
-        served, summary = dataclasses.replace(floats, model=network), network.summary()
-    elif precision == "int8":
+        return dataclasses.replace(floats, model=network), network.summary()
+    if precision == "int8":
         problem = precision_problem(precision, runtime.device)
         if problem:
             raise DeviceError(f"int8 on PyTorch: {problem}")
         served, summary = _int8_torch(floats, bundle)
-        summary = {"backend": "torch", "precision": "int8", **summary}
-    else:
-        served, summary = floats, {"backend": "torch", "precision": precision, "graph": None, "agreement": None}
+        return served, {"backend": "torch", "precision": "int8", **summary}
+    return floats, {"backend": "torch", "precision": precision, "graph": None, "agreement": None}
+
+
+def _measure(built: dict, bundle, runtime: Runtime, precision: str, threads: int, batch: int) -> tuple[str, dict]:
+    """Time the built candidates (models.choice): (the faster one's reason, the figures GET /model shows)."""
+    predictors = {
+        name: Predictor([member], dataclasses.replace(runtime, channels_last=name == "torch"))  # ORT: NCHW
+        for name, (member, _) in built.items()
+    }
+    measured = faster(predictors, trial_images(batch, bundle.preprocess["crop"]), threads)
+    files = {"onnxruntime": graph_path(bundle.path, precision).name, "torch": os.path.basename(bundle.path)}
+    if precision == "int8":
+        files["torch"] = int8_path(bundle.path).name
+    figures = {name: {"file": files[name], "ms_per_image": ms} for name, ms in measured.ms_per_image.items()}
+    record = {
+        "backend": measured.backend,
+        "batch": measured.batch,
+        "threads": threads,
+        "candidates": figures,
+        "seconds": measured.seconds,
+    }
+    return measured.reason(precision), record
+
+
+def _decided(names: tuple[str, ...], why: str, bundle, chosen: Mapping | None) -> tuple[tuple[str, ...], str, dict]:
+    """Where `chosen` (content hash -> a measurement made elsewhere) is given, its choice for this member."""
+    if len(names) < 2 or chosen is None:
+        return names, why, None
+    entry = chosen.get(bundle.content_hash)
+    if not entry:
+        return names[:1], f"{why} (not measured against PyTorch: no start-up measurement of {bundle.version})", None
+    return (entry["backend"],), entry["reason"], entry.get("measured")
+
+
+def _member(bundle, runtime: Runtime, precision: str, backend: str, threads: int, chosen: Mapping | None,
+            trial_batch: int) -> tuple[Member, Member, dict]:  # fmt: skip
+    """(served member, PyTorch fp32 member, what serves it and why) for one bundle."""
+    names, why, measured = _decided(*_candidates(bundle, runtime.device, precision, backend), bundle, chosen)
+    floats = Member.from_bundle(bundle, runtime)
+    built = {}
+    for name in names:  # PyTorch's int8 before the fold: FX fuses conv, BN and ReLU from the unfolded network
+        try:
+            built[name] = _build(name, floats, bundle, runtime, precision, threads)
+        except QuantizationError as error:
+            if len(names) == 1:
+                raise
+            why = f"{why}; PyTorch's int8 is no candidate: {error}"
+    fold_batchnorm(floats.model)
+    runtime.place(floats.model)  # the folded convolutions channels-last too
+    if len(built) > 1:
+        why, measured = _measure(built, bundle, runtime, precision, threads, trial_batch)
+    served, summary = built[measured["backend"] if measured else next(iter(built))]
     if precision == "int8":
         _warn_agreement(summary.get("graph") or summary.get("file"), summary.get("agreement"))
-    fold_batchnorm(floats.model)  # after int8: FX fuses from the unfolded network
-    runtime.place(floats.model)  # the folded convolutions channels-last too
-    return served, floats, {**summary, "reason": why}
+    return served, floats, {**summary, "reason": why, "measured": measured}
 
 
 def load_predictor(
@@ -129,10 +189,15 @@ def load_predictor(
     precision: str = "fp32",
     backend: str = "auto",
     threads: int = 1,
+    chosen: Mapping[str, Mapping] | None = None,
+    trial_batch: int = TRIAL_BATCH,
 ) -> Loaded:
     """Bundle path(s) ('a.pt,b.pt', a list, or a loaded Ensemble) -> the predictor of `precision` on `device`.
 
     `threads`: ONNX Runtime's intra-op threads per session (PyTorch's are the caller's torch.set_num_threads).
+    Where both runtimes can serve a member (backend auto on the CPU), both are timed on `trial_batch` images and the
+    faster serves; `chosen` (content hash -> {backend, reason, measured}, a measurement made before, e.g. by
+    gunicorn's master) skips that: a member it lacks is served by ONNX Runtime, unmeasured.
     Raises BundleError, DeviceError, GraphError or QuantizationError naming the problem and its fix.
     """
     if precision not in PRECISIONS:
@@ -145,7 +210,7 @@ def load_predictor(
             raise DeviceError(f"{precision} on {device}: {problem}")
     amp = precision if precision in ("bf16", "fp16") else "none"
     runtime = Runtime(device, amp=amp, channels_last=True)
-    built = [_member(bundle, runtime, precision, backend, threads) for bundle in ensemble.bundles]
+    built = [_member(b, runtime, precision, backend, threads, chosen, trial_batch) for b in ensemble.bundles]
     served = [one[0] for one in built]
     floats = [one[1] for one in built]
     # A batch for ONNX Runtime alone is stacked contiguous NCHW, the layout its graphs take.

@@ -13,11 +13,15 @@ import pytest
 import requests
 import torch
 
-from models.bundle import load_bundle, save_bundle
+from app import get_service
+from app.config import load_settings, measures_backends
+from models.bundle import load_bundle, load_model, save_bundle
+from models.choice import faster, trial_images
 from models.graphs import GraphError, bundle_header, check_graph, graph_path, graph_problem
 from models.loader import choose_backend, load_predictor
 from models.onnx_runtime import OnnxNetwork
 from models.pet_classifier import PetClassifier
+from models.quantize import int8_path, quantize, save_int8
 from models.training.data import discover
 from models.training.export import export_bundle, export_fp32
 from models.training.quantization import batches
@@ -70,7 +74,7 @@ def test_the_loader_serves_graphs_on_the_cpu_as_pytorch_does(exported, training_
     split = discover(training_data, 0.2, 0)
     images = next(batches(split.val[:12], load_bundle(bundle).preprocess, 12, 0))  # held-out, eval-transformed
     torch_fp32 = load_predictor(bundle, CPU, "fp32", "torch")
-    ort_fp32 = load_predictor(bundle, CPU, "fp32", "auto")
+    ort_fp32 = load_predictor(bundle, CPU, "fp32", "onnxruntime")
     assert ort_fp32.backends == ("onnxruntime",) and torch_fp32.backends == ("torch",)
     expected, served = torch_fp32.predictor(images), ort_fp32.predictor(images)
     torch.testing.assert_close(served.probs, expected.probs, atol=1e-4, rtol=0)
@@ -172,7 +176,9 @@ def test_the_server_serves_through_onnx_runtime_and_falls_back_without_a_graph(e
     photo = (REPO_ROOT / "tests" / "data" / "chelsea.jpg").read_bytes()
     for model, backend in ((bundle, "onnxruntime"), (bundle_copy, "torch")):
         (tmp_path / backend).mkdir()
-        server = start_server(model, tmp_path / backend, workers=1, DEVICE="cpu")
+        # BACKEND=auto with both runtimes able to serve would time them (tested below): ONNX Runtime is asked for.
+        asked = "onnxruntime" if backend == "onnxruntime" else "auto"
+        server = start_server(model, tmp_path / backend, workers=1, DEVICE="cpu", BACKEND=asked)
         try:
             poll_readyz(server)
             (member,) = requests.get(f"{server.url}/model", timeout=30).json()["members"]
@@ -196,3 +202,101 @@ def test_evaluation_measures_the_int8_that_is_served(exported, training_data, tm
     assert (served["precision"], served["backends"]) == ("int8", ["onnxruntime"])
     assert pytorch["backends"] == ["torch"] and served["images"] == pytorch["images"]
     assert abs(served["accuracy"] - pytorch["accuracy"]) <= 0.1  # int8 flips few of these images, if any
+
+
+# BACKEND=auto on the CPU: where both runtimes can serve a precision, the faster one on this machine serves.
+
+
+@pytest.fixture(scope="module")
+def both_runtimes(exported, tmp_path_factory) -> Path:
+    """The exported bundle with its graphs and a PyTorch int8 file too: two candidates for fp32 and for int8."""
+    source, _ = exported
+    bundle = Path(shutil.copy(source, tmp_path_factory.mktemp("both") / "both.pt"))
+    for precision in ("fp32", "int8"):
+        shutil.copy(graph_path(source, precision), graph_path(bundle, precision))
+    model, loaded = load_model(bundle)
+    crop = loaded.preprocess["crop"]
+    quantized = quantize(model, [trial_images(8, crop)], crop)  # timing only: calibrated on noise
+    save_int8(int8_path(bundle), quantized, loaded, {"calibration": {"images": 8, "data": "noise, for timing"}})
+    return bundle
+
+
+def _assert_measured(member: dict, precision: str) -> dict:
+    """The member was timed on both runtimes and is served by the faster; returns the figures."""
+    measured = member["measured"]
+    figures = {name: one["ms_per_image"] for name, one in measured["candidates"].items()}
+    assert set(figures) == {"onnxruntime", "torch"} and all(ms > 0 for ms in figures.values())
+    assert member["backend"] == measured["backend"] == min(figures, key=figures.get)
+    assert member["reason"].startswith(f"{precision}: onnxruntime ") and member["reason"].endswith(member["backend"])
+    assert "ms per image" in member["reason"] and f"at batch {measured['batch']}" in member["reason"]
+    return measured
+
+
+def test_choice_keeps_the_faster_of_the_candidates(exported):
+    predictor = load_predictor(exported[0], CPU, "fp32", "torch").predictor
+    images = trial_images(4, 64)
+    measured = faster({"slow": lambda x: [predictor(x) for _ in range(4)], "fast": predictor}, images, threads=1)
+    assert measured.backend == "fast" and measured.ms_per_image["slow"] > measured.ms_per_image["fast"] > 0
+    assert measured.batch == 4 and "fast" in measured.reason("fp32") and measured.seconds < 10
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_auto_serves_the_runtime_measured_faster_on_this_cpu(both_runtimes, precision):
+    loaded = load_predictor(both_runtimes, CPU, precision, "auto", trial_batch=4)
+    measured = _assert_measured(loaded.members[0], precision)
+    assert loaded.backends == (measured["backend"],) and measured["batch"] == 4
+    files = {name: one["file"] for name, one in measured["candidates"].items()}
+    torch_file = int8_path(both_runtimes).name if precision == "int8" else both_runtimes.name
+    assert files == {"onnxruntime": graph_path(both_runtimes, precision).name, "torch": torch_file}
+    served = loaded.predictor.members[0].model
+    assert isinstance(served, OnnxNetwork) == (measured["backend"] == "onnxruntime")
+    # A measurement made before (gunicorn's master) decides without timing anything again.
+    decided = {load_bundle(both_runtimes).content_hash: {"backend": "torch", "reason": "measured", "measured": None}}
+    assert load_predictor(both_runtimes, CPU, precision, "auto", chosen=decided).backends == ("torch",)
+    unmeasured = load_predictor(both_runtimes, CPU, precision, "auto", chosen={}).members[0]
+    assert unmeasured["backend"] == "onnxruntime" and "not measured" in unmeasured["reason"]
+
+
+def test_one_candidate_is_not_measured(exported, both_runtimes, bundle_copy, tmp_path):
+    only_graph = load_predictor(exported[0], CPU, "int8", "auto").members[0]  # no PyTorch int8 file beside it
+    assert only_graph["backend"] == "onnxruntime" and only_graph["measured"] is None
+    assert "PyTorch's int8 is no candidate: no int8 network at" in only_graph["reason"]
+    no_graph = load_predictor(bundle_copy, CPU, "fp32", "auto").members[0]
+    assert no_graph["backend"] == "torch" and no_graph["measured"] is None
+    asked = load_predictor(both_runtimes, CPU, "int8", "torch").members[0]
+    assert asked["backend"] == "torch" and asked["measured"] is None
+    settings = load_settings({}, {"MODEL_PATH": str(bundle_copy), "DEVICE": "cpu"}, machine=False)
+    assert not measures_backends(settings)  # so gunicorn's master starts no trial either
+    # A stale PyTorch int8 file is no candidate: ONNX Runtime serves, and the reason names the file and its fix.
+    stale = Path(shutil.copy(exported[0], tmp_path / "stale.pt"))
+    shutil.copy(graph_path(exported[0], "int8"), graph_path(stale, "int8"))
+    torch.save({"format": {"name": "something-else"}}, int8_path(stale))
+    member = load_predictor(stale, CPU, "int8", "auto").members[0]
+    assert member["backend"] == "onnxruntime" and member["measured"] is None
+    assert "is not an int8 network file" in member["reason"] and "python scripts/quantize.py" in member["reason"]
+
+
+def test_gunicorn_measures_once_before_forking_and_every_worker_serves_the_choice(both_runtimes, tmp_path):
+    photo = (REPO_ROOT / "tests" / "data" / "chelsea.jpg").read_bytes()
+    server = start_server(both_runtimes, tmp_path, workers=2, DEVICE="cpu", PRECISION="int8", MAX_BATCH_SIZE=4)
+    try:
+        poll_readyz(server, workers=2)
+        (member,) = requests.get(f"{server.url}/model", timeout=30).json()["members"]
+        response = requests.post(f"{server.url}/predict", data=photo, headers={"Content-Type": "image/jpeg"})
+        assert response.status_code == 200 and response.json()["predicted_class"]
+    finally:
+        server.stop()
+    measured = _assert_measured(member, "int8")
+    assert measured["batch"] == 4 and measured["threads"] == 1
+    assert {one["file"] for one in measured["candidates"].values()} == {"both.int8.pt", "both.int8.onnx"}
+    # Both workers log the same figures: the master's one trial, not one per worker.
+    lines = [line for line in server.log().splitlines() if f"by {member['backend']} int8 (int8: " in line]
+    assert len(lines) == 2 and len({line.split("BACKEND=auto: ")[1] for line in lines}) == 1
+
+
+def test_an_app_without_gunicorns_master_measures_in_a_child(both_runtimes, app_factory):
+    app = app_factory(both_runtimes, PRECISION="int8", DEVICE="cpu", MAX_BATCH_SIZE=2)
+    (member,) = app.test_client().get("/model").get_json()["members"]
+    assert _assert_measured(member, "int8")["batch"] == 2
+    served = get_service(app).handler.predictor.members[0].model
+    assert isinstance(served, OnnxNetwork) == (member["backend"] == "onnxruntime")
