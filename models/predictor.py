@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from models.bundle import Bundle
-from models.ensemble import Ensemble
 from models.onnx_runtime import OnnxNetwork
 from models.ood import OodDetector
 from models.runtime import Runtime
@@ -112,11 +111,6 @@ class Predictor:
         self.has_detector = all(d is not None for d in detectors)
         # One member: its own score and threshold. Several: normalised margins, unknown above 0.
         self.threshold = (detectors[0].threshold if len(detectors) == 1 else 0.0) if self.has_detector else None
-
-    @classmethod
-    def from_ensemble(cls, ensemble: Ensemble, runtime: Runtime) -> Predictor:
-        """Build every member of `ensemble` on the runtime's device."""
-        return cls([Member.from_bundle(bundle, runtime) for bundle in ensemble.bundles], runtime)
 
     def outputs(self, images: torch.Tensor, features: bool = False) -> list[MemberOutput]:
         """Each member's logits (and features) for the batch: one forward pass per member."""

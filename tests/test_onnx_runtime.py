@@ -18,9 +18,9 @@ from models.graphs import GraphError, bundle_header, check_graph, graph_path, gr
 from models.loader import choose_backend, load_predictor
 from models.onnx_runtime import OnnxNetwork
 from models.pet_classifier import PetClassifier
+from models.training.agreement import batches
 from models.training.data import discover
 from models.training.export import export_bundle, export_fp32
-from models.training.quantization import batches
 from models.transforms import default_preprocess
 from tests.helpers import REPO_ROOT, poll_readyz, start_server
 
