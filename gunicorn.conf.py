@@ -84,7 +84,9 @@ keepalive = _server.keepalive
 max_requests = _server.max_requests  # recycling: the other workers serve while the replacement warms up
 max_requests_jitter = _server.max_requests_jitter
 preload_app = False
-accesslog = "-"
+# One line per request on stdout. Off (ACCESS_LOG=false), the request counts and latencies stay in /metrics and
+# errors in the error log; each line costs the request thread a format and a locked write.
+accesslog = "-" if _server.access_log else None
 errorlog = "-"
 # Several servers may share a host (replicas, tests); gunicorn's default control socket path would clash.
 control_socket_disable = True

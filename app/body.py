@@ -1,25 +1,30 @@
-"""Request bodies within limits whatever the client does: at most MAX_UPLOAD_MB (chunked bodies too), and no
-slower than BODY_MIN_RATE_KBPS after a grace of BODY_TIMEOUT_S.
+"""The request body: read within limits whatever the client does, then the image bytes taken out of it.
 
-A WSGI wrapper around wsgi.input, below werkzeug: werkzeug alone cuts a chunked body silently at
+Limits: at most MAX_UPLOAD_MB (chunked bodies too), and no slower than BODY_MIN_RATE_KBPS after a grace of
+BODY_TIMEOUT_S. A WSGI wrapper around wsgi.input, below werkzeug: werkzeug alone cuts a chunked body silently at
 MAX_CONTENT_LENGTH (the view then saw a truncated image), and a body that stops arriving held the request
 thread until the client gave up (190 s measured, issue 21). Its exceptions are not OSError or ValueError, which
 werkzeug's LimitedStream would turn into 400 "client disconnected".
+
+Images: a multipart field `image`, a raw image/* body, or JSON {"image": base64}.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import socket
 import time
 
-from flask import Flask, request
+from flask import Flask, Request, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import MultipartDecoder
 
 from app.config import Settings
-from app.errors import coded_response
+from app.connection import WATCHDOG, release_headers
+from app.errors import ApiError, coded_response
 from app.metrics import Metrics
-from app.watchdog import WATCHDOG, release_headers
+from app.schemas import Base64ImageSchema
 
 
 class BodyTooLarge(Exception):
@@ -128,3 +133,87 @@ def install(app: Flask, settings: Settings, metrics: Metrics) -> None:
             f"plus 1 s per BODY_MIN_RATE_KBPS={settings.body_min_rate_kbps:g} KB"
         )
         return coded_response("body_timeout", message)
+
+
+# The image bytes of a request
+
+FIELD = "image"
+ACCEPTED = "multipart/form-data (field 'image'), image/* (raw bytes) or application/json ({\"image\": base64})"
+_base64_schema = Base64ImageSchema()
+
+
+def _missing(request: Request) -> ApiError:
+    others = sorted(set(request.files) | set(request.form))
+    if others:
+        return ApiError("missing_image", f"no multipart field '{FIELD}'; got fields {others}")
+    return ApiError("missing_image", f"no image sent; send {ACCEPTED}")
+
+
+def _checked(data: bytes, what: str) -> bytes:
+    if not data:
+        raise ApiError("empty_image", f"{what} is empty (0 bytes)")
+    return data
+
+
+def _multipart(request: Request) -> list[bytes]:
+    uploads = request.files.getlist(FIELD)
+    if not uploads:
+        if FIELD in request.form:
+            raise ApiError("missing_image", f"field '{FIELD}' must be a file upload (curl -F image=@file.jpg)")
+        raise _missing(request)
+    return [_checked(upload.read(), f"upload {index} ({upload.filename!r})") for index, upload in enumerate(uploads)]
+
+
+def decode_base64(text: str, what: str = f"field '{FIELD}'") -> bytes:
+    """Base64 text (whitespace and a `data:` URL prefix allowed) -> bytes; raises ApiError invalid_base64."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ApiError("invalid_base64", f"{what} is not valid base64: {error}") from error
+
+
+def _json(request: Request) -> bytes:
+    try:
+        payload = request.get_json(silent=True)
+    except RecursionError:  # nesting deeper than the parser's recursion limit
+        payload = None
+    if payload is None:
+        raise ApiError("invalid_json", "the body is not valid JSON")
+    if not isinstance(payload, dict):
+        raise ApiError("invalid_json", 'the JSON body must be an object like {"image": "<base64>"}')
+    data = _base64_schema.load(payload, unknown="exclude")
+    return _checked(decode_base64(data[FIELD]), f"field '{FIELD}'")
+
+
+def single_image(request: Request) -> bytes:
+    """The one image of a /predict request."""
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        images = _multipart(request)
+        if len(images) > 1:
+            raise ApiError("too_many_files", f"/predict takes one '{FIELD}' field; use /predict/batch for more")
+        return images[0]
+    if mimetype.startswith("image/"):
+        return _checked(request.get_data(cache=False), "the request body")
+    if mimetype == "application/json":
+        return _json(request)
+    if not mimetype and not request.content_length:
+        raise _missing(request)
+    raise ApiError("unsupported_media_type", f"content type {mimetype or 'none'!r} is not accepted; send {ACCEPTED}")
+
+
+def batch_images(request: Request, max_files: int) -> list[bytes]:
+    """The images of a /predict/batch request (repeated multipart `image` fields), at most `max_files`."""
+    if request.mimetype != "multipart/form-data":
+        if not request.mimetype and not request.content_length:
+            raise _missing(request)
+        raise ApiError(
+            "unsupported_media_type", f"/predict/batch takes multipart/form-data with repeated '{FIELD}' fields"
+        )
+    # Count before reading any file, so an oversized request costs no decoding.
+    count = len(request.files.getlist(FIELD))
+    if count > max_files:
+        raise ApiError("too_many_files", f"{count} images sent; at most MAX_BATCH_FILES={max_files} per request")
+    return _multipart(request)

@@ -162,6 +162,7 @@ class ServerSettings:
     keepalive: int = setting(5, between(int, 0, 3600), env="KEEPALIVE")
     max_requests: int = setting(0, between(int, 0, 1_000_000_000), env="MAX_REQUESTS")  # recycle after N (0 = never)
     max_requests_jitter: int = setting(0, between(int, 0, 1_000_000_000), env="MAX_REQUESTS_JITTER")  # + 0..N
+    access_log: bool = setting(True, flag, env="ACCESS_LOG")  # one line per request on stdout
 
     @property
     def address(self) -> str:

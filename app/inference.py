@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import time
 
 import torch
 
@@ -19,8 +19,8 @@ from models.explain import OVERLAY_MAX_SIDE, grad_cam, overlay, png_bytes
 from models.images import DecodeBudget, ImageError, decode_fitted, decode_image
 from models.loader import load_predictor
 from models.onnx_runtime import OnnxNetwork
-from models.predictor import Output, Predictor
-from models.runtime import DeviceError, precision_problem, resolve_device, top_k
+from models.predictor import Output, Predictor, top_k
+from models.runtime import DeviceError, precision_problem, resolve_device
 from models.transforms import eval_transform, mirrored
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,16 @@ def serving_device(settings: Settings) -> torch.device:
     if settings.gpu_decode and device.type != "cuda":
         raise ConfigError(f"GPU_DECODE=true needs a CUDA device, and DEVICE={settings.device} is {device}")
     return device
+
+
+def seconds_left(deadline: float | None) -> float | None:
+    """Seconds before `deadline` (time.monotonic()), None without one; TimeoutError once it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the request's deadline has passed")
+    return left
 
 
 class Handler:
@@ -88,16 +98,16 @@ class Handler:
         return [pixels] if tta == "none" else [pixels, mirrored(pixels)]
 
     def preprocess_all(
-        self, images: list[bytes], tta: str = "none", time_left: Callable[[], float] | None = None
+        self, images: list[bytes], tta: str = "none", deadline: float | None = None
     ) -> list[list[torch.Tensor]]:
         """Each image's views (`preprocess`); the ImageError of a batch names the image's position.
 
-        `time_left()` (seconds; it raises once none are) is asked before each image and bounds its decode's wait.
+        `deadline` (time.monotonic()) bounds each decode's wait; TimeoutError once it has passed.
         """
         views = []
         for index, data in enumerate(images):
             try:
-                views.append(self.preprocess(data, tta, None if time_left is None else time_left()))
+                views.append(self.preprocess(data, tta, seconds_left(deadline)))
             except ImageError as error:
                 if len(images) == 1:
                     raise
@@ -137,17 +147,18 @@ class Handler:
             result["all_probabilities"] = dict(zip(self.class_names, values, strict=True))
         return result
 
-    def explain(self, data: bytes, class_name: str | None, k: int, check=lambda: None) -> tuple[bytes, dict]:
+    def explain(self, data: bytes, class_name: str | None, k: int, deadline: float | None = None) -> tuple[bytes, dict]:
         """Untrusted bytes -> (PNG of the Grad-CAM heat over the image, fitted to OVERLAY_MAX_SIDE, the prediction
-        document); `check()` runs between the steps (it raises to stop)."""
-        tensor = self.collate(self.preprocess(data, timeout=check()))[0]  # exactly what /predict computes on
+        document); TimeoutError between its steps once `deadline` (time.monotonic()) has passed."""
+        # Exactly what /predict computes on.
+        tensor = self.collate(self.preprocess(data, timeout=seconds_left(deadline)))[0]
         class_index = None if class_name is None else self.class_names.index(class_name)
         heat, output = grad_cam(self.explainer, tensor, class_index)
         # The picture is decoded again, at most OVERLAY_MAX_SIDE pixels long: never the full original.
-        picture = decode_fitted(data, self.max_pixels, OVERLAY_MAX_SIDE, self.budget, check())
+        picture = decode_fitted(data, self.max_pixels, OVERLAY_MAX_SIDE, self.budget, seconds_left(deadline))
         result = self.postprocess(output, k)
         result["explained_class"] = class_name or result["predicted_class"]
-        check()
+        seconds_left(deadline)
         return png_bytes(overlay(picture, heat, self.preprocess_config)), result
 
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:

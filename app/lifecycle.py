@@ -35,8 +35,7 @@ from typing import NamedTuple
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from app.arrival import set_arrival
-from app.watchdog import release_headers, watch_headers
+from app.connection import release_headers, set_arrival, watch_headers
 
 RUN_DIR_ENV = "PETCLF_RUN_DIR"
 GENERATION_ENV = "PETCLF_GENERATION"

@@ -9,9 +9,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates
 
-from app.arrival import arrival_time
+from app.body import batch_images, single_image
+from app.connection import arrival_time
 from app.errors import RETRY_AFTER_S
-from app.inputs import batch_images, single_image
 from app.schemas import (
     BatchPredictionSchema,
     ExplanationSchema,

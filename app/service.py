@@ -26,8 +26,8 @@ from models.images import DecodeBusy
 from models.predictor import Output, average
 
 log = logging.getLogger(__name__)
-# (handler, seconds left) -> each image's views; the callable raises ApiError 504 once no time is left
-Prepare = Callable[[Handler, Callable[[], float]], list[list[torch.Tensor]]]
+# (handler, deadline as time.monotonic()) -> each image's views; TimeoutError once the deadline has passed
+Prepare = Callable[[Handler, float], list[list[torch.Tensor]]]
 EXTENSION = "petclf"  # the Service's key in app.extensions
 
 
@@ -126,14 +126,14 @@ class Service:
         from then, so time spent waiting for a request thread under overload counts too.
         """
         views = 1 if tta == "none" else 2  # flip: two views per image
-        prepare: Prepare = lambda handler, left: handler.preprocess_all(images, tta, left)  # noqa: E731
+        prepare: Prepare = lambda handler, deadline: handler.preprocess_all(images, tta, deadline)  # noqa: E731
         outputs = self._run(len(images) * views, prepare, arrived)
         return self._counted([self.handler.postprocess(output, top_k, include_probabilities) for output in outputs])
 
     def probabilities(self, images: list[bytes], arrived: float | None = None) -> torch.Tensor:
         """Image bytes -> (N, classes) calibrated probabilities in order, counted; raises ApiError or ImageError."""
-        outputs = self._run(len(images), lambda handler, left: handler.preprocess_all(images, time_left=left), arrived)
-        return self._probabilities(outputs)
+        prepare: Prepare = lambda handler, deadline: handler.preprocess_all(images, "none", deadline)  # noqa: E731
+        return self._probabilities(self._run(len(images), prepare, arrived))
 
     def pixel_probabilities(self, pixels: torch.Tensor, arrived: float | None = None) -> torch.Tensor:
         """Preprocessed (N, 3, crop, crop) float32 pixels (checked by the v2 codec) -> (N, classes) probabilities,
@@ -143,7 +143,7 @@ class Service:
     def _run(self, items: int, prepare: Prepare, arrived: float | None) -> list[Output]:
         """One Output per image (its views averaged): `prepare` gives each image's views, the batcher computes them.
 
-        `prepare` gets the handler and a callable giving the seconds left (ApiError 504 when none are left).
+        `prepare` gets the handler and the deadline; its TimeoutError (or DecodeBusy) is answered 504.
         """
         deadline = self._deadline(arrived)
         handler, batcher = self._ready()
@@ -151,8 +151,8 @@ class Service:
         # Announced before preparing: a batch forming meanwhile waits for these items (up to MAX_BATCH_WAIT_MS).
         with batcher.preparing(items):
             try:
-                views = prepare(handler, lambda: self._check_deadline(deadline))
-            except DecodeBusy as error:  # no decode room freed up before the deadline
+                views = prepare(handler, deadline)
+            except (DecodeBusy, TimeoutError) as error:  # the deadline passed, or no decode room freed up before it
                 raise self._timeout() from error
             futures = self._submit_all(batcher, [view for image_views in views for view in image_views], deadline)
         rows = iter(self._results(futures, deadline))
@@ -185,10 +185,10 @@ class Service:
             limit = self.settings.explain_concurrency
             raise ApiError("explain_busy", f"{limit} explanation(s) already running (EXPLAIN_CONCURRENCY={limit})")
         try:
-            png, result = handler.explain(image, class_name, top_k, lambda: self._check_deadline(deadline))
+            png, result = handler.explain(image, class_name, top_k, deadline)
         except ExplainError as error:
             raise ApiError("explain_unsupported", str(error)) from error
-        except DecodeBusy as error:
+        except (DecodeBusy, TimeoutError) as error:
             raise self._timeout() from error
         finally:
             self._explain_slots.release()

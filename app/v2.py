@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from app.arrival import arrival_time
+from app.connection import arrival_time
 from app.errors import ApiError, register_error_form
 from app.service import Service, get_service
 from app.v2_codec import (

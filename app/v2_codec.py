@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
+from app.body import decode_base64
 from app.errors import ApiError
-from app.inputs import decode_base64
-from models.runtime import top_indices
+from models.predictor import top_indices
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE, PIXELS, PROBABILITIES = "image", "pixels", "probabilities"

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from models.bundle import Bundle
-from models.ensemble import Ensemble
 from models.onnx_runtime import OnnxNetwork
 from models.ood import OodDetector
 from models.runtime import Runtime
@@ -113,11 +112,6 @@ class Predictor:
         # One member: its own score and threshold. Several: normalised margins, unknown above 0.
         self.threshold = (detectors[0].threshold if len(detectors) == 1 else 0.0) if self.has_detector else None
 
-    @classmethod
-    def from_ensemble(cls, ensemble: Ensemble, runtime: Runtime) -> Predictor:
-        """Build every member of `ensemble` on the runtime's device."""
-        return cls([Member.from_bundle(bundle, runtime) for bundle in ensemble.bundles], runtime)
-
     def outputs(self, images: torch.Tensor, features: bool = False) -> list[MemberOutput]:
         """Each member's logits (and features) for the batch: one forward pass per member."""
         with torch.inference_mode():
@@ -160,3 +154,13 @@ class Predictor:
         for size in batch_sizes:
             self(torch.zeros(size, 3, crop, crop))
         self.runtime.synchronize()
+
+
+def top_indices(probs: list[float], k: int) -> list[int]:
+    """Indices of the k most probable classes, most probable first (ties: lower index first)."""
+    return sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]
+
+
+def top_k(probs: list[float], class_names: tuple[str, ...] | list[str], k: int) -> list[dict]:
+    """The k most probable classes, most probable first, as [{"label", "probability"}] (ties: lower index first)."""
+    return [{"label": class_names[i], "probability": probs[i]} for i in top_indices(probs, k)]

@@ -23,13 +23,11 @@ import torch
 from torch import nn
 
 from models.bundle import Bundle, atomic_save
-from models.predictor import Member, Predictor
-from models.runtime import Runtime, cpu_bf16_problem
 
 INT8_FORMAT = {"name": "pet-classifier-int8", "version": 2}  # 2: int8 backbone, float head
 BACKEND = "x86"
 RECOMMENDED_AGREEMENT = 0.99  # a precision whose top-1 agrees with fp32 on fewer held-out images is not recommended
-CPU_PRECISIONS = ("fp32", "bf16", "int8")
+CPU_PRECISIONS = ("fp32", "bf16", "int8")  # what scripts/quantize.py measures on the CPU
 
 
 class QuantizationError(ValueError):
@@ -203,35 +201,3 @@ def load_int8(bundle: Bundle, model: nn.Module | None = None, path: str | os.Pat
             f"(it was made with torch {state.get('torch')}); run scripts/quantize.py again: {error}"
         ) from error
     return quantized
-
-
-def top1(model: nn.Module, batches: Iterable[torch.Tensor], runtime: Runtime) -> torch.Tensor:
-    """Predicted class indices of `model` over all batches, in order, through the serving path."""
-    predictor = Predictor([Member(model)], runtime)
-    return torch.cat([predictor(batch).probs.argmax(dim=1) for batch in batches])
-
-
-def precision_agreement(
-    model: nn.Module, batches: list[torch.Tensor], int8_model: nn.Module | None = None
-) -> dict[str, dict]:
-    """Top-1 agreement with fp32 of fp32, bf16 and int8 on held-out batches; a skipped precision says why."""
-    runtime = Runtime(torch.device("cpu"))
-    reference = top1(model, batches, runtime)
-    candidates = {
-        "fp32": (model, runtime),
-        "bf16": (model, Runtime(runtime.device, amp="bf16")),
-        "int8": (int8_model, runtime),
-    }
-    problems = {"bf16": cpu_bf16_problem(), "int8": None if int8_model is not None else "no int8 network given"}
-    report = {}
-    for precision, (candidate, candidate_runtime) in candidates.items():
-        if problems.get(precision):
-            report[precision] = {"skipped": problems[precision]}
-            continue
-        agreement = (top1(candidate, batches, candidate_runtime) == reference).float().mean().item()
-        report[precision] = {
-            "agreement": round(agreement, 4),
-            "images": len(reference),
-            "recommended": agreement >= RECOMMENDED_AGREEMENT,
-        }
-    return report

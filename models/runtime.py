@@ -179,13 +179,3 @@ def fold_batchnorm(model: nn.Module) -> int:
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def top_indices(probs: list[float], k: int) -> list[int]:
-    """Indices of the k most probable classes, most probable first (ties: lower index first)."""
-    return sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]
-
-
-def top_k(probs: list[float], class_names: tuple[str, ...] | list[str], k: int) -> list[dict]:
-    """The k most probable classes, most probable first, as [{"label", "probability"}] (ties: lower index first)."""
-    return [{"label": class_names[i], "probability": probs[i]} for i in top_indices(probs, k)]

@@ -1,6 +1,7 @@
 """int8 for x86 CPUs: calibrate a bundle's network on a few hundred training images (post-training static
-quantization, PyTorch's FX flow, x86 backend), write it next to the bundle (<stem>.int8.pt), and report each
-precision's (fp32, bf16, int8) top-1 agreement with fp32 on held-out images.
+quantization, PyTorch's FX flow, x86 backend), write it next to the bundle (<stem>.int8.pt, where PRECISION=int8
+reads it), and record in it each precision's (fp32, bf16, int8) top-1 agreement with fp32 on held-out images, each
+predictor loaded exactly as BACKEND=torch serves it (int8: the file just written, read back).
 
 The data set is the one the bundle was trained on: DIR/train + DIR/val, or DIR/<class>/ split with the bundle's
 own val_split and seed, so held-out images are ones the weights never saw.
@@ -27,7 +28,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("MODEL_PATH", DEFAULT_BUNDLE_PATH), help="bundle")
     parser.add_argument("--data-dir", required=True, help="the bundle's training data (ImageFolder layout)")
-    parser.add_argument("--output", help="int8 file (default: <bundle stem>.int8.pt next to the bundle)")
     parser.add_argument("--calibration-images", type=int, default=300, help="training images to calibrate on")
     parser.add_argument("--holdout-images", type=int, default=200, help="held-out images to measure agreement on")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> dict:
         report = quantize_bundle(
             args.model,
             args.data_dir,
-            args.output,
             args.calibration_images,
             args.holdout_images,
             args.batch_size,

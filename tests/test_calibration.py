@@ -12,7 +12,6 @@ import torch
 
 from models.bundle import load_bundle, save_bundle
 from models.pet_classifier import PetClassifier
-from models.runtime import Runtime
 from models.training.calibration import (
     expected_calibration_error,
     fit_bundle,
@@ -25,8 +24,6 @@ from models.training.data import ImageList, discover, make_loader
 from models.training.evaluation import evaluate_bundle
 from models.transforms import default_preprocess, eval_transform
 from tests.helpers import REPO_ROOT
-
-CPU = Runtime(torch.device("cpu"))
 
 
 def test_ece_on_known_numbers():
@@ -75,7 +72,7 @@ def test_calibration_lowers_ece_of_an_over_confident_tiny_model(tmp_path, demo_d
     split = discover(demo_data)
     transform = eval_transform(preprocess)
     fit_loader = make_loader(ImageList(split.train, transform, min_size=preprocess["resize"]), 12, 0)
-    calibration = fit_bundle(path, fit_loader, None, CPU, score="energy")
+    calibration = fit_bundle(path, fit_loader, None, torch.device("cpu"), score="energy")
     assert calibration["temperature"] > 5 and calibration["ece_after"] < calibration["ece_before"]
     bundle = load_bundle(path)
     assert bundle.version != before and bundle.temperature == calibration["temperature"]

@@ -199,16 +199,17 @@ def test_app_refuses_an_unusable_device_at_start_up(tiny_bundle_path):
 
 def test_gunicorn_takes_its_server_settings_from_app_config(tmp_path, tiny_bundle_path):
     command = [sys.executable, "-m", "gunicorn", "--print-config", "-c", "gunicorn.conf.py", "app:create_app()"]
-    env = {"MODEL_PATH": str(tiny_bundle_path), "MAX_REQUESTS": "500", "MAX_REQUESTS_JITTER": "50"}
+    env = {"MODEL_PATH": str(tiny_bundle_path), "MAX_REQUESTS": "500", "MAX_REQUESTS_JITTER": "50", "ACCESS_LOG": "off"}
     result = subprocess.run(
         command, cwd=REPO_ROOT, env={**os.environ, **env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     printed = dict(map(str.strip, line.split(" = ", 1)) for line in result.stdout.splitlines() if " = " in line)
-    assert {k: printed[k] for k in ("max_requests", "max_requests_jitter", "worker_class")} == {
+    assert {k: printed[k] for k in ("max_requests", "max_requests_jitter", "worker_class", "accesslog")} == {
         "max_requests": "500",
         "max_requests_jitter": "50",
         "worker_class": "app.lifecycle.ServingWorker",
+        "accesslog": "None",
     }
 
 

@@ -13,9 +13,9 @@ from PIL import Image
 from torch import nn
 
 from app import get_service
-from models.ensemble import load_ensemble
 from models.explain import ExplainError, crop_box, full_heat, grad_cam, stages_of
 from models.images import decode_image
+from models.loader import load_predictor
 from models.pet_classifier import PetClassifier
 from models.predictor import Member, Predictor
 from models.runtime import Runtime
@@ -139,8 +139,8 @@ def heat_ratio(heat: np.ndarray, size: tuple[int, int], preprocess: dict, box: t
 @pytest.mark.numerics
 def test_heat_concentrates_on_the_shape(trained_bundle_path):
     # The trained demo bundle's validation images, regenerated with the shapes' boxes (training_data: seed 1).
-    ensemble = load_ensemble(str(trained_bundle_path))
-    predictor, preprocess = Predictor.from_ensemble(ensemble, CPU), ensemble.preprocess
+    loaded = load_predictor(trained_bundle_path, "cpu", "fp32", "torch")
+    predictor, preprocess = loaded.floats, loaded.ensemble.preprocess  # what /explain differentiates
     ratios = []
     for shape in CLASSES:
         for image, box in examples("val", shape, 20, seed=1):
@@ -148,7 +148,7 @@ def test_heat_concentrates_on_the_shape(trained_bundle_path):
             image.save(encoded, format="JPEG", quality=90)  # as make_demo_data wrote it
             decoded = decode_image(encoded.getvalue(), min_size=preprocess["resize"])
             heat, prediction = grad_cam(predictor, eval_transform(preprocess)(decoded))
-            if ensemble.class_names[int(prediction.probs[0].argmax())] == shape:  # explain right answers only
+            if loaded.ensemble.class_names[int(prediction.probs[0].argmax())] == shape:  # explain right answers only
                 ratios.append(heat_ratio(heat, image.size, preprocess, box))
     # Measured on this 3-epoch, 32-pixel model: median 1.5, hotter on the shape for 70% of the right answers
     # (the 64-pixel demo model of `make model`: median 2.6, 96%).

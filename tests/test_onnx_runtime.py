@@ -22,9 +22,9 @@ from models.loader import choose_backend, load_predictor
 from models.onnx_runtime import OnnxNetwork
 from models.pet_classifier import PetClassifier
 from models.quantize import int8_path, quantize, save_int8
+from models.training.agreement import batches
 from models.training.data import discover
 from models.training.export import export_bundle, export_fp32
-from models.training.quantization import batches
 from models.transforms import default_preprocess
 from tests.helpers import REPO_ROOT, poll_readyz, start_server
 

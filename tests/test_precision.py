@@ -17,6 +17,7 @@ import torch
 from app import create_app, get_service
 from app.config import ConfigError, load_settings
 from models.bundle import load_bundle, load_model
+from models.loader import load_predictor
 from models.quantize import (
     RECOMMENDED_AGREEMENT,
     Int8Network,
@@ -24,12 +25,13 @@ from models.quantize import (
     int8_path,
     int8_problem,
     load_int8,
-    precision_agreement,
     quantize,
     read_int8,
 )
 from models.runtime import cpu_bf16_problem
-from models.training.quantization import batches, quantize_bundle
+from models.training.agreement import batches, bundle_split, labelled
+from models.training.evaluation import evaluate_bundle
+from models.training.quantization import quantize_bundle
 from tests.helpers import REPO_ROOT
 
 NATIVE_BF16 = cpu_bf16_problem() is None
@@ -76,10 +78,12 @@ def assert_same_state(actual: dict, expected: dict) -> None:
 
 @pytest.fixture(scope="module")
 def int8_run(trained_bundle_path, training_data, tmp_path_factory):
-    """The trained fixture bundle quantized by the library the script calls (48 calibration images)."""
-    output = tmp_path_factory.mktemp("int8") / "model.int8.pt"
-    report = quantize_bundle(trained_bundle_path, training_data, output, 48, 60, batch_size=16, workers=0)
-    return {**report, "output": output}
+    """A copy of the trained fixture bundle quantized by the library the script calls (48 calibration images, all
+    60 held-out images), its int8 file beside it as scripts/quantize.py leaves them."""
+    bundle = tmp_path_factory.mktemp("int8") / "bundle.pt"
+    shutil.copy(trained_bundle_path, bundle)
+    report = quantize_bundle(bundle, training_data, 48, 60, batch_size=16, workers=0)
+    return {**report, "bundle": bundle, "output": int8_path(bundle)}
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch.load of quantized tensors
@@ -102,7 +106,8 @@ def test_int8_file_reloads_without_calibration_and_matches(int8_run, trained_bun
 
 def test_each_precision_agrees_with_fp32(int8_run):
     agreement = int8_run["agreement"]
-    assert agreement["fp32"] == {"agreement": 1.0, "images": 60, "recommended": True}
+    assert {key: agreement["fp32"][key] for key in ("agreement", "images", "recommended")} == {
+        "agreement": 1.0, "images": 60, "recommended": True}  # fmt: skip
     # A 3-epoch, 32-pixel resnet18: int8 flips a few near-ties; the 99% bar decides "recommended".
     assert agreement["int8"]["images"] == 60 and agreement["int8"]["agreement"] >= 0.9
     assert agreement["int8"]["recommended"] == (agreement["int8"]["agreement"] >= RECOMMENDED_AGREEMENT)
@@ -122,11 +127,22 @@ def test_a_stale_or_foreign_int8_file_is_refused(int8_run, tiny_bundle_path, tmp
         read_int8(tmp_path / "other.pt", load_bundle(tiny_bundle_path))
 
 
-def test_agreement_without_int8_says_why(trained_bundle_path, training_data):
-    model, bundle = load_model(trained_bundle_path)
-    images = [torch.zeros(2, 3, bundle.preprocess["crop"], bundle.preprocess["crop"])]
-    report = precision_agreement(model, images)
-    assert report["fp32"]["agreement"] == 1.0 and "no int8" in report["int8"]["skipped"]
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+def test_the_report_measures_the_loaders_predictors(int8_run, training_data, tmp_path):
+    # The recorded agreement is that of the predictors the loader builds (int8: the file beside the bundle, read
+    # back) on the held-out images: the same figures come out of load_predictor and scripts/evaluate.py.
+    bundle, recorded = load_bundle(int8_run["bundle"]), int8_run["agreement"]
+    _, holdout, _ = bundle_split(bundle, training_data, 0, 60)
+    images = [batch for batch, _ in labelled(holdout, bundle.preprocess, 16, 0)]
+    served = {p: load_predictor(int8_run["bundle"], "cpu", p, "torch").predictor for p in ("fp32", "int8")}
+    top1 = {p: torch.cat([predictor(batch).probs.argmax(1) for batch in images]) for p, predictor in served.items()}
+    agreement = (top1["int8"] == top1["fp32"]).float().mean().item()
+    assert recorded["int8"]["agreement"] == round(agreement, 4) and recorded["int8"]["images"] == len(holdout) == 60
+    assert recorded["fp32"]["agreement"] == 1.0 and recorded["fp32"]["max_probability_difference"] == 0.0
+    for precision, key in (("int8", "accuracy"), ("fp32", "fp32_accuracy")):
+        report = evaluate_bundle(int8_run["bundle"], training_data, tmp_path / precision, 16, 0, "cpu", precision,
+                                 backend="torch")  # fmt: skip
+        assert report["images"] == 60 and round(report["accuracy"], 4) == recorded["int8"][key]
 
 
 def test_quantize_script_writes_next_to_the_bundle(trained_bundle_path, training_data, tmp_path):
@@ -149,12 +165,9 @@ def test_quantize_script_writes_next_to_the_bundle(trained_bundle_path, training
 
 
 @pytest.fixture(scope="module")
-def int8_bundle(int8_run, trained_bundle_path, tmp_path_factory) -> Path:
+def int8_bundle(int8_run) -> Path:
     """The trained bundle with its int8 file next to it, as scripts/quantize.py leaves them."""
-    bundle = tmp_path_factory.mktemp("served") / "bundle.pt"
-    shutil.copy(trained_bundle_path, bundle)
-    shutil.copy(int8_run["output"], int8_path(bundle))
-    return bundle
+    return int8_run["bundle"]
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")

@@ -41,14 +41,19 @@ def python_files(*packages: str):
         yield from sorted((REPO_ROOT / package).rglob("*.py"))
 
 
-def test_serving_loads_no_training_code(tiny_bundle_path):
+def run_probe(probe: str, bundle_path) -> dict | list:
+    """Run `probe` in a fresh interpreter on `bundle_path` and a photo; the JSON of its last line."""
     photo = REPO_ROOT / "tests" / "data" / "chelsea.jpg"
     result = subprocess.run(
-        [sys.executable, "-c", BOUNDARY_PROBE, str(tiny_bundle_path), str(photo)],
+        [sys.executable, "-c", probe, str(bundle_path), str(photo)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout.splitlines()[-1])
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_serving_loads_no_training_code(tiny_bundle_path):
+    loaded = run_probe(BOUNDARY_PROBE, tiny_bundle_path)
     assert "app" in loaded and "models.runtime" in loaded  # the probe really built and used the app
     leaked = [m for m in loaded if m.startswith(("models.training", "tqdm", "matplotlib"))]
     assert not leaked, leaked
@@ -91,3 +96,50 @@ def test_scripts_are_thin():
     tree = ast.parse((REPO_ROOT / "scripts" / "train.py").read_text())
     classes = [node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
     assert not classes, f"scripts/train.py defines {classes}; the trainer lives in models/training"
+
+
+
+# One /predict through the app, traced in every thread (the batcher's too): the files of app/ and models/ each
+# thread enters, and each chain of direct calls between them. A library frame starts a new chain: Flask calling a
+# hook or a view, werkzeug reading the body stream, torch calling a network's forward.
+REQUEST_PATH_PROBE = """
+import json, os, sys, threading
+ROOT, OURS, active = os.getcwd(), ("/app/", "/models/"), []
+files, loops = {}, set()
+def ours(frame):
+    name = frame.f_code.co_filename
+    return os.path.relpath(name, ROOT) if name.startswith(ROOT) and any(p in name for p in OURS) else None
+def trace(frame, event, arg):
+    if active and event == "call" and ours(frame):
+        chain = []
+        while frame is not None and ours(frame):
+            if not chain or chain[-1] != ours(frame):
+                chain.append(ours(frame))
+            frame = frame.f_back
+        files.setdefault(threading.current_thread().name, set()).add(chain[0])
+        if len(set(chain)) < len(chain):
+            loops.add(" <- ".join(chain))
+threading.settrace(trace)  # before create_app starts the batcher thread
+from app import create_app, get_service
+app = create_app({"MODEL_PATH": sys.argv[1], "TORCH_THREADS": 1})
+client, data = app.test_client(), open(sys.argv[2], "rb").read()
+client.post("/predict", data=data, content_type="image/jpeg")  # lazy imports and first calls happen here
+sys.settrace(trace)
+active.append(True)
+assert client.post("/predict", data=data, content_type="image/jpeg").status_code == 200
+active.clear()
+sys.settrace(None)
+get_service(app).stop()
+print(json.dumps({"files": {name: sorted(found) for name, found in files.items()}, "loops": sorted(loops)}))
+"""
+
+
+def test_a_predict_request_runs_one_way(tiny_bundle_path):
+    """Issue 19: the request thread crosses at most 10 of the project's files, and no call chain re-enters a file it
+    came through (service -> handler -> service was three round trips)."""
+    traced = run_probe(REQUEST_PATH_PROBE, tiny_bundle_path)
+    request_thread, batcher = traced["files"]["MainThread"], traced["files"]["micro-batcher"]
+    assert {"app/routes.py", "app/service.py", "models/images.py"} <= set(request_thread)  # it really ran
+    assert len(request_thread) <= 10, request_thread
+    assert {"app/batching.py", "models/predictor.py"} <= set(batcher), batcher
+    assert not traced["loops"], traced["loops"]

@@ -11,7 +11,7 @@ import torch
 
 from models.bundle import load_bundle, save_bundle
 from models.loader import load_predictor
-from models.runtime import Runtime, resolve_device
+from models.runtime import resolve_device
 from models.training.data import DataError, ImageList, discover, make_loader
 from models.training.engine import collect_outputs
 from models.training.ood import DEFAULT_SCORE, auto_score, fit_detector
@@ -100,7 +100,7 @@ def calibration_entry(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def fit_bundle(
-    path, val_loader, reference_loader, runtime: Runtime, score: str = DEFAULT_SCORE, progress=False
+    path, val_loader, reference_loader, device: torch.device, score: str = DEFAULT_SCORE, progress=False
 ) -> dict:
     """Fit the temperature and the OOD detector of the bundle at `path` on validation images; rewrite it atomically.
 
@@ -109,7 +109,7 @@ def fit_bundle(
     reliability bins before and after the temperature.
     """
     # The logits PyTorch fp32 serves (the one loader, BatchNorm folded); the bundle is rewritten from its own weights.
-    loaded = load_predictor(path, runtime.device, "fp32", "torch")
+    loaded = load_predictor(path, device, "fp32", "torch")
     predictor, bundle = loaded.predictor, loaded.ensemble.bundles[0]
     model = bundle.build_model("cpu")
     views, labels = collect_outputs(predictor, val_loader, features=True, progress=progress)
@@ -161,7 +161,7 @@ def calibrate_folder(
         for samples in (split.val, split.train)
     )
     score = kept_score(bundle) if score == "auto" else score
-    return {**fit_bundle(output, val, train, Runtime(resolved), score), "ood_score": score}
+    return {**fit_bundle(output, val, train, resolved, score), "ood_score": score}
 
 
 def kept_score(bundle) -> str:

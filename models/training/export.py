@@ -8,7 +8,6 @@ content hash and the measurements in their metadata, which GET /model shows and 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -21,14 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.ensemble import Ensemble
 from models.graphs import GRAPH_FORMAT, INPUT, META_FORMAT, META_HASH, META_INFO, META_PRECISION, OUTPUTS, graph_path
 from models.loader import load_predictor
-from models.onnx_runtime import OnnxNetwork
-from models.predictor import Predictor, concat
-from models.quantize import RECOMMENDED_AGREEMENT
-from models.training.data import DataError, ImageList, discover, make_loader
-from models.training.quantization import pick
-from models.transforms import eval_transform
+from models.predictor import Predictor
+from models.training.agreement import batches, bundle_split, compare, labelled, measuring
+from models.training.data import DataError
 
 OPSET = 18
 
@@ -120,35 +117,10 @@ def quantize_int8(fp32_path: str | os.PathLike, calibration: Iterable[torch.Tens
     return reader.images
 
 
-def _labelled(samples, preprocess: dict, batch_size: int, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    dataset = ImageList(samples, eval_transform(preprocess), min_size=preprocess["resize"])
-    return list(make_loader(dataset, batch_size, workers))
-
-
-def compare(reference: Predictor, candidate: Predictor, held_out: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """Top-1 agreement, largest probability difference, accuracy and unknown rates of `candidate` against fp32."""
-    labels = torch.cat([batch_labels for _, batch_labels in held_out])
-    ours, theirs = (concat([p(images) for images, _ in held_out]) for p in (candidate, reference))
-    agreement = (ours.probs.argmax(1) == theirs.probs.argmax(1)).float().mean().item()
-    report = {
-        "agreement": round(agreement, 4),
-        "images": len(labels),
-        "recommended": agreement >= RECOMMENDED_AGREEMENT,
-        "max_probability_difference": float((ours.probs - theirs.probs).abs().max()),
-        "accuracy": round((ours.probs.argmax(1) == labels).float().mean().item(), 4),
-        "fp32_accuracy": round((theirs.probs.argmax(1) == labels).float().mean().item(), 4),
-    }
-    if ours.ood_scores is not None:
-        report["unknown_rate"] = round((ours.ood_scores > candidate.threshold).float().mean().item(), 4)
-        report["fp32_unknown_rate"] = round((theirs.ood_scores > reference.threshold).float().mean().item(), 4)
-    return report
-
-
-def _measured(reference: Predictor, path: Path, precision: str, held_out) -> dict:
-    """`reference` with its member's network swapped for the graph at `path`, compared with fp32."""
-    members = [dataclasses.replace(m, model=OnnxNetwork(path, precision, torch.get_num_threads()))
-               for m in reference.members]  # fmt: skip
-    return compare(reference, Predictor(members, dataclasses.replace(reference.runtime, channels_last=False)), held_out)
+def _measured(reference: Predictor, bundle, precision: str, held_out) -> dict:
+    """The graph beside the bundle, loaded as BACKEND=onnxruntime serves it, compared with `reference` (fp32)."""
+    candidate = load_predictor(Ensemble((bundle,)), "cpu", precision, "onnxruntime", torch.get_num_threads())
+    return compare(reference, candidate.predictor, held_out)
 
 
 def _finish(untagged: Path, bundle, precision: str, info: dict, output: Path) -> Path:
@@ -174,26 +146,21 @@ def export_bundle(
     bundle, reference = loaded.ensemble.bundles[0], loaded.floats
     if len(loaded.ensemble.bundles) != 1:
         raise ValueError("export one bundle at a time (each ensemble member has its own graphs)")
-    preprocess = bundle.preprocess
     calibration, held_out, source = [], [], None
     if data_dir is not None:
-        seed = int(bundle.training.get("seed", 0))
-        split = discover(data_dir, float(bundle.training.get("val_split", 0.2)), seed)
-        if split.class_names != bundle.class_names:
-            found = split.class_names
-            raise DataError(f"`data_dir` {data_dir} has classes {found}; the bundle has {bundle.class_names}")
-        calibration, source = pick(split.train, calibration_images, seed), split.source
-        held_out = _labelled(pick(split.val, holdout_images, seed), preprocess, batch_size, workers)
+        calibration, holdout, source = bundle_split(bundle, data_dir, calibration_images, holdout_images)
+        held_out = labelled(holdout, bundle.preprocess, batch_size, workers)
     elif "int8" in precisions:
         raise DataError("int8 is calibrated on the bundle's training images: give `data_dir`")
-    calibration_batches = (images for images, _ in _labelled(calibration, preprocess, batch_size, workers))
+    calibration_batches = batches(calibration, bundle.preprocess, batch_size, workers)
     graphs = write_graphs(bundle, reference, precisions, calibration_batches, held_out, source)
     return {"model": str(model_path), "version": bundle.version, "graphs": graphs}
 
 
 def write_graphs(bundle, reference: Predictor, precisions, calibration=(), held_out=(), source=None) -> dict:
     """Export the bundle's graphs beside it: int8 calibrated on the `calibration` batches, each measured against
-    `reference` (its PyTorch fp32 predictor) on `held_out` (images, labels) batches when given; returns their info."""
+    `reference` (its PyTorch fp32 predictor) on `held_out` (images, labels) batches when given, loaded back from
+    where it is served as BACKEND=onnxruntime loads it; returns their info."""
     graphs = {}
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_fp32(bundle.build_model("cpu"), bundle.preprocess["crop"], Path(folder) / "fp32.onnx")
@@ -204,9 +171,11 @@ def write_graphs(bundle, reference: Predictor, precisions, calibration=(), held_
                 untagged = Path(folder) / "int8.onnx"
                 seen = quantize_int8(fp32, calibration, untagged)
                 info["calibration"] = {"images": seen, "data": source, "method": "static QDQ, per-channel, min-max"}
-            if held_out:
-                info["agreement"] = {precision: _measured(reference, untagged, precision, held_out)}
-            info["seconds"] = round(time.perf_counter() - started, 1)
-            path = _finish(untagged, bundle, precision, info, graph_path(bundle.path, precision))
+            with measuring(graph_path(bundle.path, precision)) as path:
+                if held_out:  # tagged but unmeasured first: the loader reads the graph where it will be served
+                    _finish(untagged, bundle, precision, info, path)
+                    info["agreement"] = {precision: _measured(reference, bundle, precision, held_out)}
+                info["seconds"] = round(time.perf_counter() - started, 1)
+                _finish(untagged, bundle, precision, info, path)
             graphs[precision] = {"path": str(path), **info}
     return graphs

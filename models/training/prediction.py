@@ -11,8 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from models.images import ImageError, load_image
-from models.predictor import Output, Predictor
-from models.runtime import top_k
+from models.predictor import Output, Predictor, top_k
 from models.training.data import image_files, make_loader
 from models.training.engine import predict_outputs, progress_enabled
 from models.training.evaluation import default_workers, inference_setup

@@ -1,62 +1,57 @@
-"""int8 from a data set: training images calibrate, held-out images measure each precision's agreement with fp32."""
+"""int8 from a data set: training images calibrate, held-out images measure each precision's agreement with fp32,
+every predictor measured built by the loader exactly as BACKEND=torch serves it."""
 
 from __future__ import annotations
 
 import os
-import random
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import torch
-
-from models.bundle import load_model
-from models.quantize import int8_path, precision_agreement, quantize, save_int8
-from models.training.data import DataError, ImageList, Sample, discover, make_loader
-from models.transforms import eval_transform
+from models.loader import Loaded, load_predictor
+from models.quantize import CPU_PRECISIONS, int8_path, quantize, save_int8
+from models.runtime import DeviceError
+from models.training.agreement import batches, bundle_split, compare, labelled, measuring
+from models.training.data import DataError
 
 
-def pick(samples: list[Sample], count: int, seed: int) -> list[Sample]:
-    """Up to `count` samples, drawn without replacement with a fixed seed (all of them when there are fewer)."""
-    if count >= len(samples):
-        return list(samples)
-    return sorted(random.Random(seed).sample(samples, count))
-
-
-def batches(samples: list[Sample], preprocess: dict, batch_size: int, workers: int) -> Iterator[torch.Tensor]:
-    """Images decoded like serving (draft JPEG decoding) and eval-transformed, batch by batch."""
-    dataset = ImageList(samples, eval_transform(preprocess), min_size=preprocess["resize"])
-    return (images for images, _ in make_loader(dataset, batch_size, workers))
+def served_agreement(reference: Loaded, held_out: list) -> dict[str, dict]:
+    """Each CPU precision's top-1 agreement with `reference` (fp32) on `held_out` (images, labels) batches, as
+    BACKEND=torch serves it (int8: the file beside the bundle); a precision the CPU lacks says why it is skipped."""
+    report = {}
+    for precision in CPU_PRECISIONS:
+        try:
+            candidate = load_predictor(reference.ensemble, "cpu", precision, "torch")
+        except DeviceError as error:
+            report[precision] = {"skipped": str(error)}
+            continue
+        report[precision] = compare(reference.predictor, candidate.predictor, held_out)
+    return report
 
 
 def quantize_bundle(
     model_path: str | os.PathLike,
     data_dir: str | os.PathLike,
-    output: str | os.PathLike | None = None,
     calibration_images: int = 300,
     holdout_images: int = 200,
     batch_size: int = 32,
     workers: int = 2,
 ) -> dict:
-    """Calibrate int8 on training images, write it next to the bundle, report each precision's agreement."""
-    model, bundle = load_model(model_path, "cpu")
-    # The split training made (same val_split and seed), so held-out images are ones the weights never saw.
-    seed = int(bundle.training.get("seed", 0))
-    split = discover(data_dir, float(bundle.training.get("val_split", 0.2)), seed)
-    if split.class_names != bundle.class_names:
-        raise DataError(f"`data_dir` {data_dir} has classes {split.class_names}; the bundle has {bundle.class_names}")
-    calibration = pick(split.train, calibration_images, seed)
-    holdout = pick(split.val, holdout_images, seed)
+    """Calibrate int8 on training images, write it beside the bundle (where PRECISION=int8 reads it), then record in
+    it each precision's agreement with fp32 on held-out images, the int8 one read back through the loader."""
+    reference = load_predictor(model_path, "cpu", "fp32", "torch")
+    if len(reference.ensemble.bundles) != 1:
+        raise ValueError("quantize one bundle at a time (each ensemble member has its own int8 file)")
+    bundle = reference.ensemble.bundles[0]
+    calibration, holdout, source = bundle_split(bundle, data_dir, calibration_images, holdout_images)
     if not calibration or not holdout:
-        raise DataError(f"`data_dir` {data_dir} needs training and held-out images; found {split.source}")
+        raise DataError(f"`data_dir` {data_dir} needs training and held-out images; found {source}")
     started = time.perf_counter()
-    quantized = quantize(model, batches(calibration, bundle.preprocess, batch_size, workers), bundle.preprocess["crop"])
-    seconds = round(time.perf_counter() - started, 1)
-    held_out = list(batches(holdout, bundle.preprocess, batch_size, workers))
-    agreement = precision_agreement(model, held_out, quantized)
-    info = {
-        "calibration": {"images": len(calibration), "data": split.source, "seconds": seconds},
-        "agreement": agreement,
-    }
-    path = save_int8(int8_path(model_path) if output is None else Path(output), quantized, bundle, info)
+    images = batches(calibration, bundle.preprocess, batch_size, workers)
+    quantized = quantize(bundle.build_model("cpu"), images, bundle.preprocess["crop"])  # unfolded: FX fuses BN
+    info = {"calibration": {"images": len(calibration), "data": source,
+                            "seconds": round(time.perf_counter() - started, 1)}}  # fmt: skip
+    with measuring(int8_path(bundle.path)) as path:
+        save_int8(path, quantized, bundle, info)
+        held_out = labelled(holdout, bundle.preprocess, batch_size, workers)
+        info["agreement"] = served_agreement(reference, held_out)
+        save_int8(path, quantized, bundle, info)
     return {"model": str(model_path), "version": bundle.version, "int8": str(path), **info}

@@ -373,7 +373,7 @@ def calibrate(config: TrainConfig, data: DataSplit, ctx: Context) -> dict | None
         )
         for samples in (data.val, data.train)
     )
-    calibration = fit_bundle(config.output, val, reference, ctx.runtime, config.resolved_ood_score, ctx.progress)
+    calibration = fit_bundle(config.output, val, reference, ctx.runtime.device, config.resolved_ood_score, ctx.progress)
     ctx.log(
         f"calibration: temperature {calibration['temperature']:.3f}, 15-bin ECE {calibration['ece_before']:.4f} "
         f"-> {calibration['ece_after']:.4f} on {calibration['images']} validation images; bundle {config.output}"

@@ -1,7 +1,9 @@
-"""Deadlines for blocking socket reads: a thread that shuts a socket for reading when its read is overdue.
+"""What the gunicorn worker knows of a connection, for the app: when the server took the request (the routes
+count REQUEST_TIMEOUT_S from it) and deadlines for blocking socket reads (a thread that shuts a socket for reading
+when its read is overdue).
 
-Stdlib only: gunicorn's master imports app.lifecycle, which uses it for request headers; app.body uses it for
-request bodies.
+Stdlib only: gunicorn's master imports app.lifecycle, which sets both per connection; app.body uses the
+watchdog for request bodies, the routes read the arrival time.
 """
 
 from __future__ import annotations
@@ -75,3 +77,16 @@ def release_headers() -> None:
     if ticket is not None:
         _headers.ticket = None
         WATCHDOG.release(ticket)
+
+
+_arrival = threading.local()
+
+
+def set_arrival(value: float | None) -> None:
+    """The worker, as a request thread takes a connection: when it was accepted (time.monotonic()), or None."""
+    _arrival.value = value
+
+
+def arrival_time() -> float | None:
+    """When the server took the current request (time.monotonic()), under ServingWorker; None elsewhere."""
+    return getattr(_arrival, "value", None)
