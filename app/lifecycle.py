@@ -201,7 +201,7 @@ def write_json_error(sock, status: int, reason: str, message: str) -> None:
     util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body)
 
 
-def _return_big_buffers() -> None:
+def return_big_buffers() -> None:
     """glibc: allocations over MMAP_THRESHOLD_BYTES are mapped, and unmapped when freed, always.
 
     By default glibc raises that threshold to the size of each block freed (up to 32 MB), so a decoded image's
@@ -236,7 +236,7 @@ class ServingWorker(ThreadWorker):
         self._record(BOOTING)  # in the child: now with its pid
         # The worker's handle_error writes through util.write_error; this process is ours (after the fork).
         util.write_error = write_json_error
-        _return_big_buffers()
+        return_big_buffers()
         super().init_process()
 
     def load_wsgi(self):
