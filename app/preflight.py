@@ -51,6 +51,8 @@ def measure(settings: Settings) -> dict:
     torch.set_num_threads(settings.torch_threads)
     return_big_buffers()
     device = resolve_device(settings.device, mps=False)
+    if device.type != "cpu":  # DEVICE=auto found a GPU: PyTorch serves, nothing to time
+        return _choices(settings, {})
     loaded = load_predictor(settings.model_paths, device, settings.precision, settings.backend,
                             settings.torch_threads, trial_batch=min(settings.max_batch_size, TRIAL_BATCH))  # fmt: skip
     members = {
@@ -58,6 +60,11 @@ def measure(settings: Settings) -> dict:
         for bundle, member in zip(loaded.ensemble.bundles, loaded.members, strict=True)
         if member["measured"]
     }
+    return _choices(settings, members)
+
+
+def _choices(settings: Settings, members: dict) -> dict:
+    """What the child prints: the measured members, and the settings they were measured under."""
     return {"precision": settings.precision, "threads": settings.torch_threads, "members": members}
 
 
@@ -93,10 +100,7 @@ def main(argv: list[str]) -> int:
     try:
         settings = load_settings(overrides=json.loads(argv[0]) if argv else None)
         check(settings)
-        if measures_backends(settings):
-            decided = measure(settings)
-        else:
-            decided = {"precision": settings.precision, "threads": settings.torch_threads, "members": {}}
+        decided = measure(settings) if measures_backends(settings) else _choices(settings, {})
     except ValueError as error:  # ConfigError, and the loader's BundleError, GraphError, QuantizationError...
         print(" ".join(str(error).split()), file=sys.stderr)
         return 2
