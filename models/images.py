@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import threading
@@ -81,9 +82,28 @@ class DecodeBudget:
         try:
             yield
         finally:
+            if size >= TRIM_BYTES:
+                release_freed_memory()  # before the next decode takes the bytes this one gave back
             with self._free:
                 self.used -= size
                 self._free.notify_all()
+
+
+# glibc keeps the blocks a thread frees in that thread's malloc arena (up to 8 per core), where other threads'
+# decodes cannot reuse them: 8 threads decoding a 40 MP float TIFF one after another under the budget grew a worker
+# by 1,010 MB instead of ~500, on a quiet 2-core machine. Pillow allocates images in 16 MB blocks, below the
+# worker's 64 MB mmap threshold, so they land in those arenas. malloc_trim returns the free pages of every arena.
+TRIM_BYTES = 16 << 20
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc: nothing to trim
+    _malloc_trim = None
+
+
+def release_freed_memory() -> None:
+    """Give the pages malloc holds free in any arena back to the system (glibc; a no-op elsewhere)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _identify(data: bytes) -> str | None:
