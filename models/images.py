@@ -90,9 +90,9 @@ class DecodeBudget:
 
 
 # glibc keeps the blocks a thread frees in that thread's malloc arena (up to 8 per core), where other threads'
-# decodes cannot reuse them: 8 threads decoding a 40 MP float TIFF one after another under the budget grew a worker
-# by 1,010 MB instead of ~500, on a quiet 2-core machine. Pillow allocates images in 16 MB blocks, below the
-# worker's 64 MB mmap threshold, so they land in those arenas. malloc_trim returns the free pages of every arena.
+# decodes cannot reuse them, so decodes that take turns under the budget would each add their own memory
+# (docs/security.md has the measurement). Pillow allocates images in 16 MB blocks, below the worker's 64 MB mmap
+# threshold, so they land in those arenas; malloc_trim returns the free pages of every arena.
 TRIM_BYTES = 16 << 20
 try:
     _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
