@@ -16,6 +16,12 @@ from models.training.distributed import all_reduce_sum
 from models.training.outliers import uniform_cross_entropy
 from models.training.strategies import train_mode
 
+# No tqdm monitor thread: every bar (disabled ones too) starts one if none runs, and it ends when no bar is left, so
+# one started as an evaluation's bar is made, just before its DataLoader forks workers. A fork while another thread
+# is being created can leave the child waiting forever on CPython's thread-state lock (seen under torchrun: the
+# worker stuck in PyOS_AfterFork_Child -> _PyThreadState_DeleteExcept, the trainer waiting for its batch).
+tqdm.monitor_interval = 0
+
 
 def make_scaler(runtime: Runtime) -> torch.amp.GradScaler:
     """A GradScaler, enabled only for fp16 (bf16 has float32's range)."""
