@@ -18,7 +18,7 @@ from flask import Flask
 from app.batching import BatcherStopped, DeadlineExceeded, MicroBatcher, QueueFull
 from app.config import Settings
 from app.errors import ApiError
-from app.inference import Handler, build_handler
+from app.inference import Handler, build_handler, seconds_left
 from app.metrics import Metrics
 from models.ensemble import Ensemble
 from models.explain import ExplainError
@@ -203,10 +203,10 @@ class Service:
 
     def _check_deadline(self, deadline: float) -> float:
         """Seconds left before `deadline`; raises ApiError("timeout") when none are."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise self._timeout()
-        return remaining
+        try:
+            return seconds_left(deadline)
+        except TimeoutError as error:
+            raise self._timeout() from error
 
     def _timeout(self) -> ApiError:
         return ApiError("timeout", f"no result within REQUEST_TIMEOUT_S={self.settings.request_timeout_s}s")

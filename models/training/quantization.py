@@ -18,8 +18,10 @@ def served_agreement(reference: Loaded, held_out: list) -> dict[str, dict]:
     BACKEND=torch serves it (int8: the file beside the bundle); a precision the CPU lacks says why it is skipped."""
     report = {}
     for precision in CPU_PRECISIONS:
-        try:
-            candidate = load_predictor(reference.ensemble, "cpu", precision, "torch")
+        try:  # fp32 is the reference itself, built as BACKEND=torch serves fp32
+            candidate = (
+                reference if precision == "fp32" else load_predictor(reference.ensemble, "cpu", precision, "torch")
+            )
         except DeviceError as error:
             report[precision] = {"skipped": str(error)}
             continue
