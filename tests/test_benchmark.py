@@ -55,10 +55,13 @@ def test_compare_mode_runs_every_system_once(tiny_bundle_path, tmp_path):
         assert point["peak_rss_mib"] > 0 and "rss_growth_mib" in point, kind
     assert systems["service", "fp32"]["points"][0]["server"]["mean_batch_size"] >= 1
     assert systems["unbatched", "fp32"]["points"][0]["server"]["mean_batch_size"] == 1.0
+    (served,) = systems["service", "fp32"]["served"]  # what BACKEND=auto chose: PyTorch, since there is no graph
+    assert served["backend"] == "torch" and "no fp32 graph" in served["reason"]
     assert systems["naive", "fp32"]["points"][0]["server"] is None  # no /metrics: the seed pattern has none
     assert {row["target"] for row in report["targets"]} >= {"service/raw throughput, most clients"}
     table = (out / "benchmark.md").read_text()
     assert "naive Flask (fp32)" in table and "| service (fp32) | service/raw throughput" in table
+    assert "| service (fp32) = torch | 2 |" in table
     assert (out / "benchmark.png").stat().st_size > 0
 
 

@@ -31,6 +31,7 @@ from tests.helpers import REPO_ROOT, poll_readyz, start_server
 CPU = torch.device("cpu")
 
 
+@pytest.mark.numerics  # ONNX Runtime's kernels differ by CPU too: .ci/run repeats these on AVX2
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"])
 def test_every_architecture_family_exports_and_matches_pytorch(arch, tmp_path):
     torch.manual_seed(0)
@@ -54,6 +55,7 @@ def exported(trained_bundle_path, training_data, tmp_path_factory) -> tuple[Path
     return bundle, report
 
 
+@pytest.mark.numerics
 def test_export_writes_both_graphs_tied_to_the_bundle_with_their_agreement(exported):
     bundle, report = exported
     header = bundle_header(bundle)
@@ -69,6 +71,7 @@ def test_export_writes_both_graphs_tied_to_the_bundle_with_their_agreement(expor
     assert report["graphs"]["int8"]["agreement"]["int8"]["agreement"] >= 0.9  # 40 images: int8 may flip near-ties
 
 
+@pytest.mark.numerics
 def test_the_loader_serves_graphs_on_the_cpu_as_pytorch_does(exported, training_data):
     bundle, _ = exported
     split = discover(training_data, 0.2, 0)
@@ -193,6 +196,7 @@ def test_the_server_serves_through_onnx_runtime_and_falls_back_without_a_graph(e
             assert member["graph"] == graph_path(bundle, "fp32").name and member["agreement"]["agreement"] == 1.0
 
 
+@pytest.mark.numerics
 def test_evaluation_measures_the_int8_that_is_served(exported, training_data, tmp_path):
     from models.training.evaluation import evaluate_bundle
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from app.config import load_server_settings
 from tools.harness import ROOT, SERVER_COMMAND, spawned
-from tools.loadgen import RssSampler, children, closed_loop
+from tools.loadgen import RssSampler, children, closed_loop, get_text
 
 BASE_ENV = {"GOMP_SPINCOUNT": "10000", "WEB_CONCURRENCY": "1"}  # the spin bound as gunicorn.conf.py sets it
 KINDS = {"raw": "raw model", "service": "service", "unbatched": "service MAX_BATCH_SIZE=1", "naive": "naive Flask"}
@@ -171,6 +171,7 @@ def run_server(config: BenchmarkConfig, system: dict, env: dict, command=SERVER_
     points = []
     try:
         with spawned(env, workers, log_path, command) as (process, url), RssSampler(process.pid) as rss:
+            served = _served(url) if workers else None
             for concurrency in config.concurrencies:
                 pids = (*children(process.pid), process.pid)
                 measured_from = rss.elapsed() + config.warmup_s
@@ -182,7 +183,14 @@ def run_server(config: BenchmarkConfig, system: dict, env: dict, command=SERVER_
                 points[-1].update(peak_rss_mib=rss.peak_mib(), rss_growth_mib=rss.growth_mib(measured_from))
     except (RuntimeError, TimeoutError) as error:
         return {**system, "error": [str(error), why_it_failed(log_path)], "points": points}
-    return {**system, "env": env, "points": points, "rss_series": rss.samples}
+    return {**system, "served": served, "env": env, "points": points, "rss_series": rss.samples}
+
+
+def _served(url: str) -> list[dict]:
+    """Per member, the runtime that serves it and why (BACKEND=auto's choice, with its start-up timing)."""
+    status, text = get_text(url, "/model")
+    members = json.loads(text)["members"] if status == 200 else []
+    return [{key: member.get(key) for key in ("backend", "reason", "measured")} for member in members]
 
 
 def _system(kind: str, precision: str, backend: str = "auto") -> dict:
@@ -238,6 +246,7 @@ def machine() -> dict:
 
     return {
         "cpu": cpu_features().get("cpu_name") or platform.processor() or platform.machine(),
+        "held_to": os.environ.get("PETCLF_CPUID_PROFILE") or None,  # tools/cpu_isa.py: the CPU the libraries saw
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -338,6 +347,8 @@ def markdown(report: dict) -> str:
                 f"{system['cpu_ms_per_image']:.0f} | | {system['peak_rss_mib']:.0f} | |"
             )
             continue
+        if system.get("backend") == "auto" and system.get("served"):  # what auto chose
+            name += f" = {'+'.join(member['backend'] for member in system['served'])}"
         if "error" in system and not system.get("points"):
             lines.append(f"| {name} | - | did not run: {' / '.join(system['error'])[:200]} ||||||||||| ")
         for p in system.get("points", []):
@@ -385,7 +396,8 @@ def plot(report: dict, path: Path) -> None:
     right.set_yscale("log")
     left.legend(fontsize=8)
     machine = report["machine"]
-    title = f"{Path(report['config']['model']).name} on {machine['cores']} cores ({machine['cpu']})"
+    held = f", held to {machine['held_to']}" if machine.get("held_to") else ""
+    title = f"{Path(report['config']['model']).name} on {machine['cores']} cores ({machine['cpu']}{held})"
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
