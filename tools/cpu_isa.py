@@ -4,7 +4,7 @@ ONNX Runtime's MLAS, the CPU-flag probes) sees the profile's CPUID, so each pick
     python -m tools.cpu_isa avx2 -- python -m scripts.benchmark --untrained resnet50 ...
     python -m tools.cpu_isa avx512 -- python -c "import torch; print(torch.cpu.get_capabilities())"
 
-Profiles: `avx2` hides AVX-512, AMX and AVX-VNNI (a Haswell..Alder Lake or AMD Zen 2/3 core); `avx512` hides AMX,
+Profiles: `avx2` hides AVX-512, AMX and AVX-VNNI (a Haswell..Comet Lake or AMD Zen 1-3 core); `avx512` hides AMX,
 AVX512-FP16 and AVX-VNNI and keeps AVX-512 with VNNI and BF16 (an AMD Zen 4 core, like the EPYC of issue 22).
 ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA hold PyTorch back only; ONNX Runtime reads CPUID and has no such
 setting. How: tools/cpuid_mask.c, compiled once per source into the temporary folder and preloaded; it needs Linux,

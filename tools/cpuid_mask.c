@@ -4,7 +4,7 @@
  * speed: PyTorch's ATen and oneDNN, and ONNX Runtime's MLAS, which no environment variable can hold back.
  * Built and used by tools/cpu_isa.py; the service never loads it.
  *
- * PETCLF_CPUID_PROFILE: avx2   (no AVX-512, AMX, AVX-VNNI: a Haswell..Alder Lake or Zen 2/3 core)
+ * PETCLF_CPUID_PROFILE: avx2   (no AVX-512, AMX, AVX-VNNI: a Haswell..Comet Lake or AMD Zen 1-3 core)
  *                       avx512 (AVX-512 with VNNI and BF16, no AMX, FP16, AVX-VNNI: an AMD Zen 4 core)
  * PETCLF_CPUID_REPORT=1: one line on stderr at exit, how many CPUID instructions were answered.
  * Exec clears CPUID faulting, and LD_PRELOAD starts it again in every child; forks and threads inherit it. */
