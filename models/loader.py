@@ -150,7 +150,9 @@ def _measure(built: dict, bundle, runtime: Runtime, precision: str, threads: int
     return measured.reason(precision), record
 
 
-def _decided(names: tuple[str, ...], why: str, bundle, chosen: Mapping | None) -> tuple[tuple[str, ...], str, dict]:
+def _decided(
+    names: tuple[str, ...], why: str, bundle, chosen: Mapping | None
+) -> tuple[tuple[str, ...], str, dict | None]:
     """Where `chosen` (content hash -> a measurement made elsewhere) is given, its choice for this member."""
     if len(names) < 2 or chosen is None:
         return names, why, None

@@ -60,11 +60,16 @@ def cpu_features() -> Mapping[str, object]:
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     if capabilities is not None:
         return capabilities()
+    return dict.fromkeys(kernel_cpu_flags(), True)
+
+
+def kernel_cpu_flags() -> list[str]:
+    """The `flags` line of /proc/cpuinfo: the kernel's names, its own ones too (e.g. cpuid_fault); [] elsewhere."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
-        return {}
+        return []
     flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
-    return dict.fromkeys(flags.partition(":")[2].split(), True)
+    return flags.partition(":")[2].split()
 
 
 def cpu_bf16_problem(features: Mapping[str, object] | None = None) -> str | None:

@@ -98,7 +98,6 @@ def test_scripts_are_thin():
     assert not classes, f"scripts/train.py defines {classes}; the trainer lives in models/training"
 
 
-
 # One /predict through the app, traced in every thread (the batcher's too): the files of app/ and models/ each
 # thread enters, and each chain of direct calls between them. A library frame starts a new chain: Flask calling a
 # hook or a view, werkzeug reading the body stream, torch calling a network's forward.

@@ -244,14 +244,15 @@ def machine() -> dict:
 
     from models.runtime import cpu_bf16_problem, cpu_features
 
+    features = cpu_features()
     return {
-        "cpu": cpu_features().get("cpu_name") or platform.processor() or platform.machine(),
+        "cpu": features.get("cpu_name") or platform.processor() or platform.machine(),
         "held_to": os.environ.get("PETCLF_CPUID_PROFILE") or None,  # tools/cpu_isa.py: the CPU the libraries saw
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": cpu_bf16_problem() is None,
-        "cpu_flags": sorted(name for name, on in cpu_features().items() if on is True and name != "cpu_name"),
+        "cpu_flags": sorted(name for name, on in features.items() if on is True and name != "cpu_name"),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 

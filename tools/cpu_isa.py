@@ -19,9 +19,9 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 PROFILES = ("avx2", "avx512")
 SOURCE = Path(__file__).with_name("cpuid_mask.c")
@@ -71,7 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> NoReturn:
+    """Exec the command under the profile (this process becomes it); exits with the reason when it cannot."""
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise SystemExit("no command: python -m tools.cpu_isa PROFILE -- COMMAND ...")
@@ -80,8 +81,7 @@ def main(args: argparse.Namespace) -> int:
     except MaskError as exc:
         raise SystemExit(f"tools.cpu_isa: {exc}") from None
     os.execvpe(command[0], command, env)
-    return 0  # not reached: exec replaces this process
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    main(get_args_parser().parse_args())
