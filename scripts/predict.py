@@ -22,12 +22,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
-    parser.add_argument(
-        "--model",
-        action="extend",
-        nargs="+",
-        help=MODEL_HELP,
-    )
+    # One value per flag: nargs="+" swallowed the inputs that follow (`--model m.pt photos/` had no inputs).
+    parser.add_argument("--model", action="append", help=MODEL_HELP)
     parser.add_argument("--format", choices=FORMATS, default="csv", help="output format")
     parser.add_argument("--output", default="-", help="output file ('-' = stdout)")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per image")
