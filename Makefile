@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 MODEL_PATH ?= models/pet_classifier.pt
 DEMO_DATA := data/demo
 PORT ?= 5000
+# make run serves this machine only (Flask's and gunicorn's own default); the image, compose and Kubernetes listen
+# on every interface (BIND empty: 0.0.0.0:PORT). BIND=0.0.0.0:5000 make run opens the demo to your network.
+RUN_BIND = $(or $(BIND),127.0.0.1:$(PORT))
 export MODEL_PATH PORT
 
 # The project's offline machines get a Docker engine from the shared script; elsewhere Docker is assumed.
@@ -20,14 +23,16 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .  # the app and models packages, importable from anywhere
 	touch $@
 
-run: model  # then serve, strictly after the model exists (also under make -j)
+run:  # the address checked first (one line if taken), then the model, then serve (in that order, also under -j)
+	@$(PYTHON) scripts/check_port.py $(RUN_BIND)
+	$(MAKE) --no-print-directory model
 	$(MAKE) --no-print-directory serve
 
 model: $(VENV)/.installed
 	PYTHON=$(PY) DEMO_DIR=$(DEMO_DATA) sh scripts/ensure_model.sh
 
 serve: $(VENV)/.installed
-	$(VENV)/bin/gunicorn -c gunicorn.conf.py 'app:create_app()'
+	BIND=$(RUN_BIND) $(VENV)/bin/gunicorn -c gunicorn.conf.py 'app:create_app()'
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -38,6 +38,7 @@ from app.config import (  # noqa: E402
     measures_backends,
     needs_machine_check,
 )
+from app.model_watch import ModelWatch, hup_self  # noqa: E402
 
 
 def _settings():
@@ -72,6 +73,7 @@ def _settings():
 
 
 _server, _app = _settings()
+_watch = None  # the ModelWatch when_ready starts once; a reload runs this file again, and its thread goes on
 bind = _server.address
 # gthread, plus: accept only once warm, keep serving through a reload until the new workers are warm,
 # and a worker that cannot load while others serve fails alone (app/lifecycle.py).
@@ -100,6 +102,14 @@ def on_starting(server):
     os.makedirs(path, exist_ok=True)
     server.log.info("prometheus multiprocess directory: %s", path)
     server.log.info("worker run directory: %s", lifecycle.start_run_dir())
+
+
+def when_ready(server):
+    """Master, listening: with MODEL_WATCH_S, watch the model files and reload when one is replaced."""
+    if _server.model_watch_s > 0 and _app is not None:
+        global _watch
+        _watch = ModelWatch(_app.model_paths, _server.model_watch_s, hup_self(server.log.info)).start()
+        server.log.info("model watch: every %gs, %s", _server.model_watch_s, ", ".join(_app.model_paths))
 
 
 def on_reload(server):

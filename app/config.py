@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from models.graphs import GRAPH_PRECISIONS, graph_path
+from models.graphs import carries
 from models.images import DEFAULT_MAX_PIXELS
 from models.paths import DEFAULT_BUNDLE_PATH, PATH_SEPARATOR, parse_paths
 from models.settings import (
@@ -163,6 +163,8 @@ class ServerSettings:
     max_requests: int = setting(0, between(int, 0, 1_000_000_000), env="MAX_REQUESTS")  # recycle after N (0 = never)
     max_requests_jitter: int = setting(0, between(int, 0, 1_000_000_000), env="MAX_REQUESTS_JITTER")  # + 0..N
     access_log: bool = setting(True, flag, env="ACCESS_LOG")  # one line per request on stdout
+    # Seconds between the master's looks at MODEL_PATH; a replaced file reloads by itself (app/model_watch.py). 0: off.
+    model_watch_s: float = setting(0.0, between(float, 0.0, 3600.0), env="MODEL_WATCH_S")
 
     @property
     def address(self) -> str:
@@ -210,10 +212,8 @@ def needs_machine_check(settings: Settings) -> bool:
 
 def measures_backends(settings: Settings) -> bool:
     """Whether start-up times ONNX Runtime against PyTorch (app/preflight.py): BACKEND=auto, not on CUDA, and a
-    bundle's graph for PRECISION exists (both runtimes may serve it; the trial decides which does)."""
-    graphs = settings.precision in GRAPH_PRECISIONS and any(
-        graph_path(path, settings.precision).exists() for path in settings.model_paths
-    )
+    bundle carries its graph for PRECISION (both runtimes may serve it; the trial decides which does)."""
+    graphs = any(carries(path, settings.precision) for path in settings.model_paths)
     return settings.backend == "auto" and not settings.device.startswith("cuda") and graphs
 
 

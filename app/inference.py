@@ -176,8 +176,16 @@ def _names_only(value):
     if isinstance(value, dict):
         return {key: _names_only(item) for key, item in value.items()}
     if isinstance(value, str) and "/" in value:
-        return " ".join(os.path.basename(word) if "/" in word else word for word in value.split(" "))
+        return " ".join(_file_name(word) for word in value.split(" "))
     return value
+
+
+def _file_name(word: str) -> str:
+    """'/srv/models/pet.pt:onnxruntime/int8' -> 'pet.pt:onnxruntime/int8'; an entry name ('onnxruntime/fp32') stays."""
+    path, colon, entry = word.partition(":")
+    if "/" in path and (path.startswith("/") or "." in path.rsplit("/", 1)[1]):
+        path = os.path.basename(path)
+    return f"{path}{colon}{entry}"
 
 
 def build_handler(settings: Settings, ensemble: Ensemble, device: torch.device) -> Handler:

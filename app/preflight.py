@@ -24,13 +24,13 @@ MEASURED_SETTINGS = ("MODEL_PATH", "DEVICE", "PRECISION", "BACKEND", "TORCH_THRE
 
 def check(settings: Settings) -> None:
     """Raise ConfigError for settings this machine or these bundles cannot serve."""
-    from models.graphs import graph_path
+    from models.graphs import carries
     from models.quantize import int8_problem
 
     if settings.precision == "int8":
         # Only where PyTorch serves int8: BACKEND=torch, a CUDA device, or no int8 graph (models/graphs checks those).
         torch_serves = [path for path in settings.model_paths if settings.backend == "torch"
-                        or settings.device.startswith("cuda") or not graph_path(path, "int8").exists()]  # fmt: skip
+                        or settings.device.startswith("cuda") or not carries(path, "int8")]  # fmt: skip
         problem = next(filter(None, map(int8_problem, torch_serves)), None)
         if problem:
             raise ConfigError(f"PRECISION=int8: {problem} (or serve ONNX Runtime's int8: python scripts/export.py)")

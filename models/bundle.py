@@ -16,10 +16,13 @@ from models.pet_classifier import HeadConfig, PetClassifier
 from models.transforms import validate_preprocess
 
 FORMAT_NAME = "pet-classifier-bundle"
-FORMAT_VERSION = 2  # 2 added `calibration` and `ood`; version-1 bundles are upgraded on load
-READABLE_VERSIONS = (1, 2)
+# 2 added `calibration` and `ood`; 3 the `runtimes` the bundle is served with. Older bundles are upgraded on load.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 REQUIRED_KEYS = ("format", "arch", "head", "class_names", "preprocess", "state_dict", "content_hash")
 UNCALIBRATED = {"temperature": 1.0}  # what a bundle without a fitted temperature means
+# What a bundle may carry besides its weights, each made from them: ONNX Runtime's graphs and PyTorch's int8 network.
+RUNTIME_ENTRIES = ("onnxruntime/fp32", "onnxruntime/int8", "torch/int8")
 
 
 class BundleError(ValueError):
@@ -41,6 +44,8 @@ class Bundle:
     training: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=lambda: dict(UNCALIBRATED))
     ood: dict | None = None  # None: no detector, so nothing is flagged unknown
+    runtimes: dict = field(default_factory=dict)  # RUNTIME_ENTRIES it carries, each tied to content_hash
+    format_version: int = FORMAT_VERSION
 
     @property
     def version(self) -> str:
@@ -111,7 +116,9 @@ def save_bundle(
     calibration: dict | None = None,
     ood: dict | None = None,
 ) -> str:
-    """Write the bundle atomically and return its version string; calibration defaults to temperature 1."""
+    """Write the bundle atomically and return its version string; calibration defaults to temperature 1.
+
+    It carries no runtimes yet: models.training.export adds them (add_runtimes), tied to this content hash."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     if len(class_names) != model.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {model.num_classes} outputs")
@@ -129,6 +136,7 @@ def save_bundle(
         "training": _plain(training or {}),
         "calibration": _plain(calibration or UNCALIBRATED),
         "ood": _plain_entry(ood),
+        "runtimes": {},
     }
     fields = (model.arch, head, bundle["class_names"], bundle["preprocess"], state_dict)
     bundle["content_hash"] = content_hash(*fields, _answers(bundle))
@@ -149,11 +157,30 @@ def atomic_save(obj: dict, path: str | os.PathLike) -> None:
     os.replace(tmp.name, path)
 
 
+def add_runtimes(path: str | os.PathLike, content_hash: str, entries: dict[str, dict]) -> None:
+    """Rewrite the bundle at `path` atomically carrying `entries` (RUNTIME_ENTRIES, made from the bundle whose
+    content hash is `content_hash`) beside the ones it has; BundleError when the file now holds another bundle."""
+    path = Path(path)
+    raw = _read(path)
+    _check_format(path, raw)
+    if raw["content_hash"] != content_hash:
+        raise BundleError(f"{path} was replaced (now sha256:{raw['content_hash'][:12]}) while its runtimes were made "
+                          f"from sha256:{content_hash[:12]}; nothing written")  # fmt: skip
+    unknown = sorted(set(entries) - set(RUNTIME_ENTRIES))
+    if unknown:
+        raise ValueError(f"unknown runtime entries {unknown}; valid: {', '.join(RUNTIME_ENTRIES)}")
+    tied = {name: {**entry, "bundle_hash": content_hash} for name, entry in entries.items()}
+    raw["runtimes"] = {**(raw.get("runtimes") or {}), **tied}
+    raw["format"] = {"name": FORMAT_NAME, "version": FORMAT_VERSION}  # the hash covers the same entries in 2 and 3
+    atomic_save(raw, path)
+
+
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise BundleError(f"model bundle {path} does not exist (train one with scripts/train.py)")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: the runtimes a worker does not serve (100 MB for a ResNet-50 graph) are never read.
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for non-torch or unsafe files
         raise BundleError(f"{path} is not a model bundle: torch.load failed: {error}") from error
     if not isinstance(raw, dict) or not isinstance(raw.get("format"), dict):
@@ -188,6 +215,7 @@ def _check_contents(path: Path, raw: dict) -> None:
         validate_preprocess(raw["preprocess"])
         HeadConfig.from_dict(raw["head"])
         _check_answers(raw)
+        _check_runtimes(raw)
     except ValueError as error:
         raise BundleError(f"{path}: {error}") from error
     expected = content_hash(raw["arch"], raw["head"], names, raw["preprocess"], raw["state_dict"], _answers(raw))
@@ -210,6 +238,19 @@ def _check_answers(raw: dict) -> None:
             raise ValueError(f"unusable ood detector: {error}") from error
 
 
+def _check_runtimes(raw: dict) -> None:
+    """Version 3: only known entries, each made from this very bundle (its content hash)."""
+    runtimes = raw.get("runtimes") or {}
+    if not isinstance(runtimes, dict):
+        raise ValueError(f"runtimes must be a dict of {', '.join(RUNTIME_ENTRIES)}, got {type(runtimes).__name__}")
+    for name, entry in runtimes.items():
+        if name not in RUNTIME_ENTRIES or not isinstance(entry, dict):
+            raise ValueError(f"unknown runtime entry {name!r}; valid: {', '.join(RUNTIME_ENTRIES)}")
+        if entry.get("bundle_hash") != raw["content_hash"]:
+            made = str(entry.get("bundle_hash"))[:12]
+            raise ValueError(f"its {name} runtime was made from another bundle (sha256:{made}), not this one")
+
+
 def load_bundle(path: str | os.PathLike) -> Bundle:
     """Read and validate a bundle with torch.load(weights_only=True); raise BundleError on any problem."""
     path = Path(path)
@@ -228,8 +269,18 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         training=raw.get("training") or {},
         # Version 1 had neither: temperature 1 (uncalibrated) and no detector (nothing flagged unknown).
         calibration=raw.get("calibration") or dict(UNCALIBRATED),
-        ood=raw.get("ood"),
+        # Requests read the detector's tensors: copied out of the mapped file, which may be replaced after loading.
+        ood=_owned(raw.get("ood")),
+        runtimes=raw.get("runtimes") or {},
+        format_version=raw["format"]["version"],
     )
+
+
+def _owned(entry: dict | None) -> dict | None:
+    """The entry with its tensors copied into memory (out of a memory-mapped file)."""
+    if entry is None:
+        return None
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PetClassifier, Bundle]:

@@ -3,9 +3,10 @@
 Serving, evaluation, offline prediction, calibration, quantization, export and the benchmark's raw limit all
 build their predictor here, so what is evaluated is what is served. Per member it picks the runtime: under backend
 auto on the CPU, the faster of ONNX Runtime and PyTorch, timed on this machine (models/choice.py), where both can
-serve the precision (the member's graph exists; for int8 its PyTorch int8 file too), else the one that can; ONNX
-Runtime when asked for (onnxruntime); PyTorch otherwise, and always on CUDA. PyTorch float networks get their
-BatchNorms folded and run channels-last (measured on ResNet-50: 15-28% less CPU per image, outputs equal to rounding).
+serve the precision (the bundle carries the member's graph; for int8 its PyTorch int8 network too), else the one
+that can; ONNX Runtime when asked for (onnxruntime); PyTorch otherwise, and always on CUDA. PyTorch float networks
+get their BatchNorms folded and run channels-last (measured on ResNet-50: 15-28% less CPU per image, outputs equal
+to rounding).
 """
 
 from __future__ import annotations
@@ -20,10 +21,19 @@ import torch
 
 from models.choice import TRIAL_BATCH, faster, trial_images
 from models.ensemble import Ensemble, load_ensemble
-from models.graphs import GRAPH_PRECISIONS, GraphError, check_graph, export_command, graph_path
+from models.graphs import (
+    GRAPH_PRECISIONS,
+    GraphError,
+    carried,
+    carries,
+    check_graph,
+    entry_name,
+    export_command,
+    missing_graph,
+)
 from models.onnx_runtime import OnnxNetwork
 from models.predictor import Member, Predictor
-from models.quantize import RECOMMENDED_AGREEMENT, QuantizationError, int8_path, int8_problem, load_int8
+from models.quantize import RECOMMENDED_AGREEMENT, QuantizationError, load_int8, read_int8
 from models.runtime import DeviceError, Runtime, fold_batchnorm, precision_problem, resolve_device
 
 log = logging.getLogger(__name__)
@@ -51,7 +61,17 @@ def backend_of(model) -> str:
     return "onnxruntime" if isinstance(model, OnnxNetwork) else "torch"
 
 
-def choose_backend(bundle_path: str, device: torch.device, precision: str, backend: str = "auto") -> tuple[str, str]:
+def _plain(bundle) -> dict:
+    """The loaded bundle's entries that say what it carries, as models.graphs reads them from a file."""
+    return {"format": {"version": bundle.format_version}, "runtimes": bundle.runtimes}
+
+
+def _graph(bundle, precision: str):
+    """The graph the loaded bundle carries for `precision` (format 1/2: the file beside it), or None."""
+    return carried(bundle.path, _plain(bundle), precision, read=lambda entry: entry["graph"].numpy().tobytes())
+
+
+def choose_backend(bundle, device: torch.device, precision: str, backend: str = "auto") -> tuple[str, str]:
     """(runtime, why) for one member: 'onnxruntime' or 'torch'; GraphError when `backend` cannot be honoured."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
@@ -66,14 +86,13 @@ def choose_backend(bundle_path: str, device: torch.device, precision: str, backe
             served = " and ".join(GRAPH_PRECISIONS)
             raise GraphError(f"ONNX Runtime serves {served}, not {precision}; use backend torch")
         return "torch", f"ONNX Runtime serves {' and '.join(GRAPH_PRECISIONS)}; {precision} runs on PyTorch"
-    path = graph_path(bundle_path, precision)
-    if path.exists():  # the reason is shown by GET /model: file names, never the server's paths
-        return "onnxruntime", f"its {precision} graph {path.name} exists"
+    name = os.path.basename(bundle.path)
+    # The reason is shown by GET /model: file names, never the server's paths.
+    if carries(bundle.path, precision, _plain(bundle)):
+        return "onnxruntime", f"{name} carries its {precision} graph"
     if backend == "onnxruntime":
-        command = export_command(bundle_path)
-        raise GraphError(f"backend onnxruntime: no {precision} graph at {path}; make it with: {command}")
-    command = export_command(os.path.basename(bundle_path))
-    return "torch", f"no {precision} graph at {path.name} (make one with: {command})"
+        raise GraphError(missing_graph(bundle.path, precision))
+    return "torch", f"{name} carries no {precision} graph (make one with: {export_command(name)})"
 
 
 def _header(bundle) -> dict:
@@ -84,7 +103,7 @@ def _header(bundle) -> dict:
 def _int8_torch(member: Member, bundle) -> tuple[Member, dict]:
     """The member with its stored FX int8 network (built from its unfolded float one: FX fuses conv, BN and ReLU)."""
     network = load_int8(bundle, member.model)
-    network.info["file"] = str(int8_path(bundle.path))
+    network.info["file"] = network.info.get("where") or f"{os.path.basename(bundle.path)}:torch/int8"
     recorded = (network.info.get("agreement") or {}).get("int8")
     summary = {"file": network.info["file"], "agreement": recorded, "calibration": network.info.get("calibration")}
     return dataclasses.replace(member, model=network), {"file": summary["file"], "agreement": recorded, "int8": summary}
@@ -101,13 +120,22 @@ def _warn_agreement(where: str, recorded: dict | None) -> None:
         )  # fmt: skip
 
 
+def _int8_problem(bundle) -> str | None:
+    """Why PyTorch cannot serve the loaded bundle in int8 (no usable int8 network), else None."""
+    try:
+        read_int8(bundle)
+    except QuantizationError as error:
+        return str(error)
+    return None
+
+
 def _candidates(bundle, device: torch.device, precision: str, backend: str) -> tuple[tuple[str, ...], str]:
     """The runtimes that can serve one member (ONNX Runtime first), and why: both under auto on the CPU when the
     graph for `precision` exists and PyTorch serves it too (fp32 always; int8 with a current int8 file)."""
-    chosen, why = choose_backend(bundle.path, device, precision, backend)
+    chosen, why = choose_backend(bundle, device, precision, backend)
     if backend != "auto" or chosen != "onnxruntime":
         return (chosen,), why
-    problem = precision_problem(precision, device) or (int8_problem(bundle.path) if precision == "int8" else None)
+    problem = precision_problem(precision, device) or (_int8_problem(bundle) if precision == "int8" else None)
     if problem:
         return (chosen,), f"{why}; PyTorch's {precision} is no candidate: {problem}"
     return ("onnxruntime", "torch"), why
@@ -116,9 +144,9 @@ def _candidates(bundle, device: torch.device, precision: str, backend: str) -> t
 def _build(name: str, floats: Member, bundle, runtime: Runtime, precision: str, threads: int) -> tuple[Member, dict]:
     """The member as runtime `name` serves it, and what GET /model says of it."""
     if name == "onnxruntime":
-        path = graph_path(bundle.path, precision)
-        info = check_graph(path, _header(bundle), precision, bundle.path)
-        network = OnnxNetwork(path, precision, threads, info)
+        graph = _graph(bundle, precision)
+        info = check_graph(graph, _header(bundle), precision, bundle.path)
+        network = OnnxNetwork(graph, precision, threads, info)
         return dataclasses.replace(floats, model=network), network.summary()
     if precision == "int8":
         problem = precision_problem(precision, runtime.device)
@@ -136,9 +164,9 @@ def _measure(built: dict, bundle, runtime: Runtime, precision: str, threads: int
         for name, (member, _) in built.items()
     }
     measured = faster(predictors, trial_images(batch, bundle.preprocess["crop"]), threads)
-    files = {"onnxruntime": graph_path(bundle.path, precision).name, "torch": os.path.basename(bundle.path)}
-    if precision == "int8":
-        files["torch"] = int8_path(bundle.path).name
+    name = os.path.basename(bundle.path)
+    files = {"onnxruntime": f"{name}:{entry_name(precision)}", "torch": f"{name}:torch/int8" if precision == "int8"
+             else name}  # fmt: skip
     figures = {name: {"file": files[name], "ms_per_image": ms} for name, ms in measured.ms_per_image.items()}
     record = {
         "backend": measured.backend,

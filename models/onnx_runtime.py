@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.graphs import open_session
+from models.graphs import Graph, open_session
 
 
 class OnnxNetwork:
-    """One graph's session, opened on first use (in the batcher thread that runs it); `info` is what export recorded.
+    """One graph's session, opened on first use (in the batcher thread that runs it), after which its bytes are let
+    go; `info` is what export recorded.
 
     Called with a (B, 3, crop, crop) float batch it returns (logits, features) as float32 CPU tensors.
     """
 
-    def __init__(self, path: str | Path, precision: str, threads: int = 1, info: dict | None = None):
-        self.path = Path(path)
+    def __init__(self, graph: Graph, precision: str, threads: int = 1, info: dict | None = None):
+        self.where = graph.where
+        self._graph = graph
         self.precision = precision
         self.threads = threads
         self.info = dict(info or {})
@@ -31,7 +32,8 @@ class OnnxNetwork:
         if self._session is None:
             with self._lock:
                 if self._session is None:
-                    self._session = open_session(self.path, self.threads)
+                    self._session = open_session(self._graph.data, self.threads)
+                    self._graph = None
         return self._session
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,4 +45,4 @@ class OnnxNetwork:
     def summary(self) -> dict:
         """What GET /model says of this member's runtime."""
         agreement = (self.info.get("agreement") or {}).get(self.precision)
-        return {"backend": "onnxruntime", "precision": self.precision, "graph": str(self.path), "agreement": agreement}
+        return {"backend": "onnxruntime", "precision": self.precision, "graph": self.where, "agreement": agreement}

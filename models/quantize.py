@@ -4,10 +4,11 @@ PyTorch's own FX graph-mode flow with the x86 backend (fbgemm/oneDNN kernels, pe
 activations observed by histogram). torch 2.11 to 2.14 ship it as torch.ao.quantization, marked deprecated in
 favour of torchao's PT2E flow, whose speed needs torch.compile (minutes of start-up per worker on two cores); the
 FX model runs eagerly. The backbone is quantized; the small head stays float32, so the network keeps the
-PetClassifier split (backbone -> penultimate features -> head) that feature-based OOD scores read. The int8 file
-is a plain dict (torch.load(weights_only=True)): the quantized state dict plus the bundle's content hash. A worker
-rebuilds the graph from the bundle's fp32 network (prepare + convert, no calibration) and loads the stored int8
-weights and scales into it, so it never recalibrates.
+PetClassifier split (backbone -> penultimate features -> head) that feature-based OOD scores read. The bundle
+carries it as its `torch/int8` runtimes entry, plain (torch.load(weights_only=True)): the quantized state dict, tied
+to the bundle's content hash (bundles of format 1/2 had it beside them, `<stem>.int8.pt`, which they still read). A
+worker rebuilds the graph from the bundle's fp32 network (prepare + convert, no calibration) and loads the stored
+int8 weights and scales into it, so it never recalibrates.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.bundle import Bundle, atomic_save
+from models.bundle import Bundle
+from models.graphs import bundle_header
 
 INT8_FORMAT = {"name": "pet-classifier-int8", "version": 2}  # 2: int8 backbone, float head
+ENTRY = "torch/int8"  # its name in the bundle's runtimes
 BACKEND = "x86"
 RECOMMENDED_AGREEMENT = 0.99  # a precision whose top-1 agrees with fp32 on fewer held-out images is not recommended
 CPU_PRECISIONS = ("fp32", "bf16", "int8")  # what scripts/quantize.py measures on the CPU
@@ -35,7 +38,7 @@ class QuantizationError(ValueError):
 
 
 def int8_path(bundle_path: str | os.PathLike) -> Path:
-    """Where the int8 network of a bundle lives: models/pet_classifier.pt -> models/pet_classifier.int8.pt."""
+    """Where format-1/2 bundles had their int8 network: models/pet_classifier.pt -> models/pet_classifier.int8.pt."""
     path = Path(bundle_path)
     return path.with_name(f"{path.stem}.int8{path.suffix or '.pt'}")
 
@@ -114,9 +117,9 @@ def quantize(model: nn.Module, calibration: Iterable[torch.Tensor], crop: int) -
     return Int8Network(_convert(prepared), _head(model))
 
 
-def save_int8(path: str | os.PathLike, quantized: nn.Module, bundle: Bundle, info: dict | None = None) -> Path:
-    """Write the int8 network for `bundle` (its content hash included) atomically; returns the path."""
-    state = {
+def int8_entry(quantized: nn.Module, bundle: Bundle, info: dict | None = None) -> dict:
+    """The `torch/int8` runtimes entry of `bundle` for `quantized`, its int8 network."""
+    return {
         "format": dict(INT8_FORMAT),
         "bundle_hash": bundle.content_hash,
         "backend": BACKEND,
@@ -124,72 +127,73 @@ def save_int8(path: str | os.PathLike, quantized: nn.Module, bundle: Bundle, inf
         "state_dict": quantized.state_dict(),
         "info": info or {},
     }
-    atomic_save(state, path)
-    return Path(path)
 
 
 def quantize_command(bundle_path: str | os.PathLike, data_dir: str | None = None) -> str:
-    """The command that writes the int8 network of the bundle at `bundle_path`."""
+    """The command that writes the int8 network into the bundle at `bundle_path`."""
     return f"python scripts/quantize.py --model {bundle_path} --data-dir {data_dir or 'DIR (its training data)'}"
 
 
-def _load(path: Path, mmap: bool = False) -> dict:
+def _load(path: Path) -> dict:
     try:
         with _quiet():
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for non-torch or unsafe files
         raise QuantizationError(f"{path} is not an int8 network file: {error}") from error
+
+
+def _entry_problem(state, where: str, content_hash: str | None) -> str | None:
+    """Why a stored int8 network (an entry, or a format-1/2 file) is unusable for the bundle, else None."""
     if not isinstance(state, dict) or state.get("format") != INT8_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise QuantizationError(f"{path} is not an int8 network file of this version: format {found!r}, expected "
-                                f"{INT8_FORMAT}")  # fmt: skip
-    return state
-
-
-def _stale(path: Path, bundle_path: str | os.PathLike, version: str) -> str:
-    return f"{path} was made from another bundle than {bundle_path} (version {version})"
-
-
-def read_int8(path: str | os.PathLike, bundle: Bundle) -> dict:
-    """The int8 file for `bundle`, checked (format, and made from this very bundle); raises QuantizationError."""
-    path = Path(path)
-    command = quantize_command(bundle.path, bundle.training.get("data_dir"))
-    if not path.is_file():
-        raise QuantizationError(f"no int8 network at {path}; make it with: {command}")
-    try:
-        state = _load(path)
-    except QuantizationError as error:
-        raise QuantizationError(f"{error}; make it again with: {command}") from error
-    if state.get("bundle_hash") != bundle.content_hash:
-        raise QuantizationError(f"{_stale(path, bundle.path, bundle.version)}; make it again with: {command}")
-    return state
-
-
-def int8_problem(bundle_path: str | os.PathLike) -> str | None:
-    """Why the bundle at `bundle_path` cannot be served in int8 (its int8 file missing, unreadable or made from
-    another bundle, with the command that fixes it), else None. Cheap: both files are memory-mapped, not read."""
-    path = int8_path(bundle_path)
-    try:
-        bundle = torch.load(bundle_path, map_location="cpu", weights_only=True, mmap=True)
-        training, content_hash = bundle.get("training") or {}, bundle.get("content_hash")
-    except Exception:  # an unreadable bundle is reported by the bundle loader itself
-        return None
-    command = quantize_command(bundle_path, training.get("data_dir"))
-    if not path.is_file():
-        return f"no int8 network at {path}; make it with: {command}"
-    try:
-        state = _load(path, mmap=True)
-    except QuantizationError as error:
-        return f"{error}; make it again with: {command}"
+        return f"{where} is not an int8 network of this version: format {found!r}, expected {INT8_FORMAT}"
     if state.get("bundle_hash") != content_hash:
-        return f"{_stale(path, bundle_path, 'sha256:' + str(content_hash)[:12])}; make it again with: {command}"
+        return f"{where} was made from another bundle than sha256:{str(content_hash)[:12]}"
     return None
 
 
-def load_int8(bundle: Bundle, model: nn.Module | None = None, path: str | os.PathLike | None = None) -> Int8Network:
-    """The bundle's int8 network from its stored file (no recalibration); `model`: its fp32 network, if built."""
-    path = int8_path(bundle.path) if path is None else path
-    state = read_int8(path, bundle)
+def _stored(bundle_path: str | os.PathLike, runtimes: dict | None, version: int) -> tuple[dict | None, str]:
+    """(the stored int8 network, where it is): the bundle's entry, or for format 1/2 the file beside it."""
+    if version >= 3:
+        return (runtimes or {}).get(ENTRY), f"{os.path.basename(bundle_path)}:{ENTRY}"
+    path = int8_path(bundle_path)
+    return (_load(path) if path.is_file() else None), str(path)
+
+
+def read_int8(bundle: Bundle) -> dict:
+    """The bundle's int8 network, checked (format, made from this very bundle); raises QuantizationError."""
+    command = quantize_command(bundle.path, bundle.training.get("data_dir"))
+    state, where = _stored(bundle.path, bundle.runtimes, bundle.format_version)
+    if state is None:
+        raise QuantizationError(f"{os.path.basename(bundle.path)} carries no int8 network; make it with: {command}")
+    problem = _entry_problem(state, where, bundle.content_hash)
+    if problem:
+        raise QuantizationError(f"{problem}; make it again with: {command}")
+    return {**state, "where": where}
+
+
+def int8_problem(bundle_path: str | os.PathLike) -> str | None:
+    """Why the bundle at `bundle_path` cannot be served in int8 by PyTorch (no int8 network, or an unusable one,
+    with the command that fixes it), else None. Cheap: read without tensors."""
+    try:
+        header = bundle_header(bundle_path)
+        content_hash, version = header.get("content_hash"), header["format"].get("version", 0)
+    except Exception:  # an unreadable bundle is reported by the bundle loader itself
+        return None
+    command = quantize_command(bundle_path, (header.get("training") or {}).get("data_dir"))
+    try:
+        state, where = _stored(bundle_path, header.get("runtimes"), version)
+    except QuantizationError as error:
+        return f"{error}; make it again with: {command}"
+    if state is None:
+        return f"{bundle_path} carries no int8 network; make it with: {command}"
+    problem = _entry_problem(state, where, content_hash)
+    return f"{problem}; make it again with: {command}" if problem else None
+
+
+def load_int8(bundle: Bundle, model: nn.Module | None = None) -> Int8Network:
+    """The bundle's stored int8 network (no recalibration); `model`: its fp32 network, if built."""
+    state = read_int8(bundle)
     model = bundle.build_model("cpu") if model is None else model
     quantized = Int8Network(_convert(_prepare(model.backbone, bundle.preprocess["crop"])), _head(model), state["info"])
     try:
@@ -197,7 +201,7 @@ def load_int8(bundle: Bundle, model: nn.Module | None = None, path: str | os.Pat
             quantized.load_state_dict(state["state_dict"])
     except RuntimeError as error:
         raise QuantizationError(
-            f"{path} does not fit the int8 graph that torch {torch.__version__.split('+')[0]} builds "
+            f"{state['where']} does not fit the int8 graph that torch {torch.__version__.split('+')[0]} builds "
             f"(it was made with torch {state.get('torch')}); run scripts/quantize.py again: {error}"
         ) from error
     return quantized

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real container, tested for real (`make container-test`; minutes and gigabytes, so not part of `make test`):
 # build the image, `compose up` with the monitoring profile on free ports, wait for the api to be healthy,
-# /predict a real photo, check that Prometheus scraped the api and loaded the alert rules (all healthy), stop the
+# /predict a real photo, HUP, retrain while serving (the model watch reloads), check that Prometheus scraped the api and loaded the alert rules (all healthy), stop the
 # api with SIGTERM (exit status 0), and tear everything down, volumes included. Needs a Docker engine; on the
 # project's offline machines OFFLINE_DOCKER (../shared/tools/offline-docker.sh) provides one with local stand-ins
 # for the base images.
@@ -77,6 +77,22 @@ for _ in $(seq 90); do [ "$(api_log_count "generation 2 is ready")" -gt 0 ] && b
 [ "$(api_log_count "generation 2 is ready")" -gt 0 ] || { say "the reload never completed"; exit 1; }
 curl -sS --fail -o /dev/null -F "image=@$PHOTO" "http://127.0.0.1:$API_PORT/predict"
 say "reloaded: generation 2 serves"
+
+# The documented retrain while serving (docs/deployment.md): the train service renames a new bundle into the
+# volume, the api's model watch reloads it, with no HUP and no restart; the new version serves.
+before=$(curl -sS --fail "http://127.0.0.1:$API_PORT/model" | python3 -c 'import json, sys; print(json.load(sys.stdin)["version"])')
+say "retraining while serving: compose run --rm -e RETRAIN=true train (api serves $before)"
+dc run --rm -e RETRAIN=true -e TRAIN_ARGS="--epochs 1" train >/dev/null
+for _ in $(seq 90); do
+    now=$(curl -sS "http://127.0.0.1:$API_PORT/model" | python3 -c 'import json, sys; print(json.load(sys.stdin)["version"])' || true)
+    [ -n "$now" ] && [ "$now" != "$before" ] && break
+    sleep 2
+done
+[ "$now" != "$before" ] || { say "the api still serves $before after the retrain"; exit 1; }
+[ "$(api_log_count "model watch: /models/pet_classifier.pt replaced")" -gt 0 ] || { say "no model-watch reload"; exit 1; }
+[ "$(docker inspect -f '{{.State.RestartCount}}' "$api")" = 0 ] || { say "the api restarted"; exit 1; }
+curl -sS --fail -o /dev/null -F "image=@$PHOTO" "http://127.0.0.1:$API_PORT/predict"
+say "the model watch reloaded: $now serves, no restart"
 
 query="http://127.0.0.1:$PROMETHEUS_PORT/api/v1/query?query=petclf_model_info"
 for _ in $(seq 60); do

@@ -1,7 +1,7 @@
 """int8 for x86 CPUs: calibrate a bundle's network on a few hundred training images (post-training static
-quantization, PyTorch's FX flow, x86 backend), write it next to the bundle (<stem>.int8.pt, where PRECISION=int8
-reads it), and record in it each precision's (fp32, bf16, int8) top-1 agreement with fp32 on held-out images, each
-predictor loaded exactly as BACKEND=torch serves it (int8: the file just written, read back).
+quantization, PyTorch's FX flow, x86 backend), write it into the bundle (its `torch/int8` runtime, which
+PRECISION=int8 with BACKEND=torch reads), and record in it each precision's (fp32, bf16, int8) top-1 agreement with
+fp32 on held-out images, each predictor loaded exactly as BACKEND=torch serves it.
 
 The data set is the one the bundle was trained on: DIR/train + DIR/val, or DIR/<class>/ split with the bundle's
 own val_split and seed, so held-out images are ones the weights never saw.

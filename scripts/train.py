@@ -84,6 +84,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--ood-score", choices=CHOICES["ood_score"], default=D.ood_score,
         help="unknown-input score (auto: max-probability with outlier exposure, else energy)",
     )  # fmt: skip
+    run.add_argument(
+        "--graphs", default=D.graphs, help="ONNX Runtime graphs the bundle carries: fp32,int8 | fp32 | none"
+    )
     run.add_argument("--demo", action="store_true", help=f"CPU demo preset, explicit flags win: {DEMO_PRESET}")
     run.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     return parser

@@ -128,3 +128,22 @@ def tensorboard_events(log_dir: Path):
 def tensorboard_scalars(log_dir: Path, tag: str) -> list[float]:
     """The values of `tag` in `log_dir`'s events, in step order."""
     return [event.value for event in sorted(tensorboard_events(log_dir).Scalars(tag), key=lambda e: e.step)]
+
+
+def legacy_bundle(source: Path, output: Path) -> Path:
+    """A format-2 copy of the format-3 bundle `source` at `output`, its runtimes moved beside it as format 2 had them
+    (`<stem>.fp32.onnx`, `<stem>.int8.onnx`, `<stem>.int8.pt`): what bundles made before format 3 look like."""
+    from models.bundle import atomic_save
+    from models.graphs import graph_path
+    from models.quantize import ENTRY, int8_path
+
+    raw = torch.load(source, map_location="cpu", weights_only=True)
+    runtimes = raw.pop("runtimes")
+    raw["format"] = {**raw["format"], "version": 2}
+    atomic_save(raw, output)
+    for name, entry in runtimes.items():
+        if name == ENTRY:
+            torch.save(dict(entry), int8_path(output))
+        else:
+            graph_path(output, name.split("/")[1]).write_bytes(entry["graph"].numpy().tobytes())
+    return output

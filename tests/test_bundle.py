@@ -22,7 +22,7 @@ def test_round_trip_gives_identical_outputs(tiny_model, tiny_bundle_path):
 
 def test_plain_weights_only_torch_load_reads_a_bundle(tiny_bundle_path):
     raw = torch.load(tiny_bundle_path, map_location="cpu", weights_only=True)
-    assert raw["format"] == {"name": FORMAT_NAME, "version": 2}
+    assert raw["format"] == {"name": FORMAT_NAME, "version": 3} and raw["runtimes"] == {}  # training adds them
     assert {"arch", "head", "class_names", "preprocess", "state_dict", "metrics", "training"} <= set(raw)
     assert raw["calibration"] == {"temperature": 1.0} and raw["ood"] is None  # saved without fitting
     assert raw["preprocess"] == default_preprocess(64)

@@ -18,7 +18,6 @@ import requests
 import yaml
 
 from models.bundle import load_bundle
-from models.graphs import graph_path
 from tests.helpers import DOCKERFILE, REPO_ROOT, dockerfile_instructions
 from tools.harness import free_port
 
@@ -256,7 +255,8 @@ def test_train_service_tells_your_photos_from_the_demo_set(tmp_path, files, trai
     env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo", "MODEL_PATH": str(tmp_path / "none.pt"), "DATA_DIR": f"{data}/",
            "DEMO_DIR": str(tmp_path / "demo")}  # fmt: skip
     result = subprocess.run(["sh", "scripts/ensure_model.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode != 0 and "no bundle was written at" in result.stdout  # echo trains nothing
+    assert not list(tmp_path.glob(".new-*")), "the staging folder is removed"
     (command,) = [line for line in result.stdout.splitlines() if line.startswith("scripts/train.py")]
     assert (f"--data-dir {data}/ " in command) is trains_on_data, command
     assert ("--demo" in command) is not trains_on_data, command
@@ -283,9 +283,23 @@ def test_train_service_command_trains_once_then_reuses(tmp_path):
     first = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "training the demo model" in first.stdout
-    assert load_bundle(bundle).class_names == ["circle", "square", "triangle"]
-    # ... and its ONNX Runtime graphs beside it, so the api serves the CPU through ONNX Runtime.
-    assert all(graph_path(bundle, precision).is_file() for precision in ("fp32", "int8")), first.stdout
+    trained = load_bundle(bundle)
+    assert trained.class_names == ["circle", "square", "triangle"]
+    # ... carrying its ONNX Runtime graphs, so the api serves the CPU through ONNX Runtime: one file.
+    assert sorted(trained.runtimes) == ["onnxruntime/fp32", "onnxruntime/int8"], first.stdout
+    assert not list(bundle.parent.glob("*.onnx")) and not list(bundle.parent.glob(".new-*"))
     second = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=60)
     assert second.returncode == 0
-    assert f"using existing bundle {bundle}" in second.stdout
+    assert f"using existing bundle {bundle}" in second.stdout and "carries its ONNX Runtime graphs" in second.stdout
+    # A bad bundle from the host is refused and the one there stays; RETRAIN=true replaces it by a rename.
+    (tmp_path / "bad.pt").write_bytes(b"not a bundle")
+    bad = subprocess.run(command, cwd=tree, env={**env, "BUNDLE_FROM": str(tmp_path / "bad.pt")},
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "refused: " in bad.stderr and "is not a model bundle" in bad.stderr
+    assert load_bundle(bundle).version == trained.version
+    third = subprocess.run(command, cwd=tree, env={**env, "RETRAIN": "true", "TRAIN_ARGS": env["TRAIN_ARGS"] +
+                           " --seed 7"}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert third.returncode == 0, third.stdout + third.stderr
+    retrained = load_bundle(bundle)
+    assert retrained.version != trained.version and sorted(retrained.runtimes) == sorted(trained.runtimes)
+    assert (bundle.parent / "pet_classifier.history.json").is_file() and not list(bundle.parent.glob(".new-*"))

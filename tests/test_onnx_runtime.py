@@ -3,10 +3,13 @@ choice of runtime, serving through it, and start-up refusing bad graphs before a
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,18 +18,31 @@ import torch
 
 from app import get_service
 from app.config import load_settings, measures_backends
-from models.bundle import load_bundle, load_model, save_bundle
+from app.model_watch import ModelWatch, signature
+from models.bundle import BundleError, add_runtimes, atomic_save, load_bundle, load_model, save_bundle
 from models.choice import faster, trial_images
-from models.graphs import GraphError, bundle_header, check_graph, graph_path, graph_problem
+from models.graphs import (
+    Graph,
+    GraphError,
+    bundle_header,
+    carried,
+    check_graph,
+    graph_entry,
+    graph_path,
+    graph_problem,
+    untrusted_problem,
+)
 from models.loader import choose_backend, load_predictor
 from models.onnx_runtime import OnnxNetwork
 from models.pet_classifier import PetClassifier
-from models.quantize import int8_path, quantize, save_int8
+from models.quantize import ENTRY, int8_entry, quantize
 from models.training.agreement import batches
-from models.training.data import discover
+from models.training.data import DataError, discover
 from models.training.export import export_bundle, export_fp32
 from models.transforms import default_preprocess
-from tests.helpers import REPO_ROOT, poll_readyz, start_server
+from tests.fixtures.training import FIXTURE, run_train
+from tests.helpers import REPO_ROOT, legacy_bundle, poll_readyz, start_server
+from tools import soak
 
 CPU = torch.device("cpu")
 
@@ -36,7 +52,8 @@ CPU = torch.device("cpu")
 def test_every_architecture_family_exports_and_matches_pytorch(arch, tmp_path):
     torch.manual_seed(0)
     model = PetClassifier(3, arch=arch, head={"hidden": 16}).eval()
-    network = OnnxNetwork(export_fp32(model, 32, tmp_path / "graph.onnx"), "fp32")
+    path = export_fp32(model, 32, tmp_path / "graph.onnx")
+    network = OnnxNetwork(Graph(path.read_bytes(), path.name), "fp32")
     images = torch.randn(5, 3, 32, 32)  # another batch size than the export's example: the batch axis is dynamic
     logits, features = network(images)
     with torch.inference_mode():
@@ -48,27 +65,32 @@ def test_every_architecture_family_exports_and_matches_pytorch(arch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exported(trained_bundle_path, training_data, tmp_path_factory) -> tuple[Path, dict]:
-    """A trained bundle with its fp32 and int8 graphs, as scripts/export.py leaves them."""
-    bundle = Path(shutil.copy(trained_bundle_path, tmp_path_factory.mktemp("graphs") / "bundle.pt"))
-    report = export_bundle(bundle, training_data, calibration_images=48, holdout_images=40, workers=0)
-    return bundle, report
+def exported(training_data, tmp_path_factory) -> tuple[Path, dict]:
+    """A bundle as training leaves it by default: carrying its fp32 graph and its int8 graph calibrated on the
+    training images, each measured on held-out ones."""
+    output = tmp_path_factory.mktemp("graphs") / "bundle.pt"
+    summary = run_train(training_data, output, **FIXTURE, graphs="fp32,int8")  # what TrainConfig defaults to
+    return output, summary["runtimes"]
 
 
-@pytest.mark.numerics
-def test_export_writes_both_graphs_tied_to_the_bundle_with_their_agreement(exported):
-    bundle, report = exported
+def test_training_writes_both_graphs_into_the_bundle_with_their_agreement(exported):
+    bundle, runtimes = exported
     header = bundle_header(bundle)
-    assert header["content_hash"] == load_bundle(bundle).content_hash  # read without unpickling tensors
+    loaded = load_bundle(bundle)
+    assert header["content_hash"] == loaded.content_hash  # read without unpickling tensors
+    assert loaded.format_version == 3 and sorted(loaded.runtimes) == ["onnxruntime/fp32", "onnxruntime/int8"]
+    assert not list(bundle.parent.glob("*.onnx"))  # one file: nothing beside it
     for precision in ("fp32", "int8"):
-        assert report["graphs"][precision]["path"] == str(graph_path(bundle, precision))
-        info = check_graph(graph_path(bundle, precision), header, precision, bundle)
+        graph = carried(bundle, header, precision)
+        assert graph.where == f"bundle.pt:onnxruntime/{precision}"
+        info = check_graph(graph, header, precision, bundle)
         measured = info["agreement"][precision]
-        assert measured == report["graphs"][precision]["agreement"][precision] and measured["images"] == 40
-    fp32 = report["graphs"]["fp32"]["agreement"]["fp32"]
+        assert measured == runtimes[f"onnxruntime/{precision}"]["agreement"][precision] and measured["images"] == 60
+        assert loaded.runtimes[f"onnxruntime/{precision}"]["bundle_hash"] == loaded.content_hash
+    fp32 = runtimes["onnxruntime/fp32"]["agreement"]["fp32"]
     assert fp32["agreement"] == 1.0 and fp32["max_probability_difference"] <= 1e-4
-    assert report["graphs"]["int8"]["calibration"]["images"] == 48
-    assert report["graphs"]["int8"]["agreement"]["int8"]["agreement"] >= 0.9  # 40 images: int8 may flip near-ties
+    assert runtimes["onnxruntime/int8"]["calibration"]["images"] == 240
+    assert runtimes["onnxruntime/int8"]["agreement"]["int8"]["agreement"] >= 0.9  # int8 may flip near-ties
 
 
 @pytest.mark.numerics
@@ -86,19 +108,61 @@ def test_the_loader_serves_graphs_on_the_cpu_as_pytorch_does(exported, training_
     # A prediction does not depend on its batch: one image alone = the same image in the batch.
     torch.testing.assert_close(ort_fp32.predictor(images[3:4]).probs, served.probs[3:4], atol=1e-4, rtol=0)
     int8 = load_predictor(bundle, CPU, "int8", "onnxruntime")
-    assert int8.members[0]["graph"] == str(graph_path(bundle, "int8")) and int8.members[0]["agreement"]["images"] == 40
+    assert int8.members[0]["graph"] == "bundle.pt:onnxruntime/int8" and int8.members[0]["agreement"]["images"] == 60
     assert int8.predictor(images).probs.shape == expected.probs.shape
 
 
+def test_export_rewrites_the_one_file_and_keeps_its_version(bundle_copy):
+    before = load_bundle(bundle_copy)
+    report = export_bundle(bundle_copy, precisions=("fp32",))
+    after = load_bundle(bundle_copy)
+    assert after.version == before.version == report["version"] and sorted(after.runtimes) == ["onnxruntime/fp32"]
+    assert report["runtimes"]["onnxruntime/fp32"]["bytes"] > 0 and "agreement" not in report["runtimes"]
+    assert [p.name for p in bundle_copy.parent.iterdir()] == [bundle_copy.name]  # no temporary file left
+    with pytest.raises(DataError, match="int8 is calibrated on the bundle's training images"):
+        export_bundle(bundle_copy, precisions=("int8",))
+
+
+def test_a_runtime_made_from_another_bundle_is_refused(bundle_copy, tmp_path):
+    other = _other_bundle(tmp_path / "other.pt")
+    with pytest.raises(BundleError, match="was replaced .* nothing written"):
+        add_runtimes(bundle_copy, load_bundle(other).content_hash, {"onnxruntime/fp32": {}})
+    raw = torch.load(bundle_copy, weights_only=True)
+    raw["runtimes"] = {"onnxruntime/fp32": {"bundle_hash": load_bundle(other).content_hash}}
+    atomic_save(raw, bundle_copy)
+    with pytest.raises(BundleError, match="onnxruntime/fp32 runtime was made from another bundle"):
+        load_bundle(bundle_copy)
+
+
+def test_older_bundles_with_graphs_beside_them_load_and_upgrade_into_one_file(exported, tmp_path):
+    bundle, _ = exported
+    old = legacy_bundle(bundle, tmp_path / "old.pt")
+    assert load_bundle(old).format_version == 2 and (tmp_path / "old.fp32.onnx").is_file()
+    beside = load_predictor(old, CPU, "int8", "onnxruntime").members[0]
+    assert beside["graph"] == str(tmp_path / "old.int8.onnx")
+    result = subprocess.run(
+        [sys.executable, "scripts/export.py", "--model", str(old), "--upgrade"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["upgraded"] and report["carries"] == ["onnxruntime/fp32", "onnxruntime/int8"]
+    assert [p.name for p in tmp_path.iterdir()] == ["old.pt"]  # the graphs moved in
+    upgraded = load_bundle(old)
+    assert upgraded.format_version == 3 and upgraded.version == load_bundle(bundle).version
+    assert load_predictor(old, CPU, "int8", "onnxruntime").members[0]["graph"] == "old.pt:onnxruntime/int8"
+
+
 def test_backend_choice_says_why(bundle_copy):
-    runtime, why = choose_backend(str(bundle_copy), CPU, "fp32", "auto")
-    assert runtime == "torch" and "no fp32 graph at" in why and "python scripts/export.py" in why
-    with pytest.raises(GraphError, match="no int8 graph at .*make it with: python scripts/export.py"):
-        choose_backend(str(bundle_copy), CPU, "int8", "onnxruntime")
-    assert choose_backend(str(bundle_copy), torch.device("cuda"), "fp32", "auto")[0] == "torch"
-    assert choose_backend(str(bundle_copy), CPU, "bf16", "auto")[0] == "torch"
+    bundle = load_bundle(bundle_copy)
+    runtime, why = choose_backend(bundle, CPU, "fp32", "auto")
+    assert runtime == "torch" and "carries no fp32 graph" in why and "python scripts/export.py" in why
+    with pytest.raises(GraphError, match="carries no int8 graph; make it with: python scripts/export.py"):
+        choose_backend(bundle, CPU, "int8", "onnxruntime")
+    assert choose_backend(bundle, torch.device("cuda"), "fp32", "auto")[0] == "torch"
+    assert choose_backend(bundle, CPU, "bf16", "auto")[0] == "torch"
     with pytest.raises(GraphError, match="CPU only"):
-        choose_backend(str(bundle_copy), torch.device("cuda"), "fp32", "onnxruntime")
+        choose_backend(bundle, torch.device("cuda"), "fp32", "onnxruntime")
 
 
 def _other_bundle(path: Path, classes: int = 3, crop: int = 64) -> Path:
@@ -108,32 +172,54 @@ def _other_bundle(path: Path, classes: int = 3, crop: int = 64) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def bad_graphs(exported, tmp_path_factory) -> dict[str, Path]:
-    """Bundles whose fp32 graph is stale, truncated, not ONNX at all, or shaped for other inputs/outputs."""
-    bundle, _ = exported
-    folder = tmp_path_factory.mktemp("bad")
-    graph = graph_path(bundle, "fp32").read_bytes()
-    cases = {}
-    for name in ("stale", "truncated", "garbage", "mismatched"):
-        cases[name] = Path(shutil.copy(bundle, folder / f"{name}.pt"))
-    cases["stale"] = _other_bundle(cases["stale"])
-    graph_path(cases["stale"], "fp32").write_bytes(graph)  # made from another bundle
-    graph_path(cases["truncated"], "fp32").write_bytes(graph[: len(graph) // 2])
-    graph_path(cases["garbage"], "fp32").write_bytes(b"not an onnx graph" * 100)
-    mismatched = _other_bundle(folder / "mismatched-source.pt", classes=5, crop=32)
-    export_bundle(mismatched, precisions=("fp32",))
-    cases["mismatched"] = _other_bundle(cases["mismatched"], classes=3, crop=64)
-    # The 5-class, 32-pixel graph retagged with this bundle's hash: only its inputs and outputs are wrong.
+def _carrying(path: Path, data: bytes, **entry) -> Path:
+    """The bundle at `path` rewritten to carry `data` as its fp32 graph (sha256 and size as recorded)."""
+    graph = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    plain = {**graph_entry(data, {}), **entry}
+    add_runtimes(path, load_bundle(path).content_hash, {"onnxruntime/fp32": {**plain, "graph": graph}})
+    return path
+
+
+def _retagged(data: bytes, content_hash: str, external: str | None = None) -> bytes:
+    """The graph `data` tagged as made from `content_hash`; `external`: its first weight moved to that file."""
     import onnx
+    from onnx.external_data_helper import set_external_data
 
     from models.graphs import META_HASH
 
-    model = onnx.load(str(graph_path(mismatched, "fp32")))
+    model = onnx.load_model_from_string(data)
     for entry in model.metadata_props:
         if entry.key == META_HASH:
-            entry.value = load_bundle(cases["mismatched"]).content_hash
-    onnx.save(model, str(graph_path(cases["mismatched"], "fp32")))
+            entry.value = content_hash
+    if external:
+        weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+        set_external_data(weight, location=external)
+        weight.data_location = onnx.TensorProto.EXTERNAL
+        weight.ClearField("raw_data")
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def bad_graphs(exported, tmp_path_factory) -> dict[str, Path]:
+    """Bundles carrying an fp32 graph that is stale, truncated, not ONNX at all, shaped for other inputs/outputs,
+    damaged after writing, or pointing at a file elsewhere; and a format-2 bundle with a stale graph beside it."""
+    bundle, _ = exported
+    folder = tmp_path_factory.mktemp("bad")
+    graph = bytes(load_bundle(bundle).runtimes["onnxruntime/fp32"]["graph"].numpy())
+    cases = {name: _other_bundle(folder / f"{name}.pt") for name in
+             ("stale", "truncated", "garbage", "damaged", "external", "legacy")}  # fmt: skip
+    _carrying(cases["stale"], graph)  # tagged with the training run's bundle
+    _carrying(cases["truncated"], graph[: len(graph) // 2])
+    _carrying(cases["garbage"], b"not an onnx graph" * 100)
+    _carrying(cases["damaged"], graph, sha256="0" * 64)
+    # A weight "stored" in /etc/passwd: opening it would read a file outside the bundle.
+    _carrying(cases["external"], _retagged(graph, load_bundle(cases["external"]).content_hash, "/etc/passwd"))
+    legacy_bundle(_carrying(cases["legacy"], graph), cases["legacy"])  # format 2, the stale graph beside it
+    mismatched = export_bundle(_other_bundle(folder / "mismatched-source.pt", classes=5, crop=32), precisions=("fp32",))
+    source = load_bundle(mismatched["model"]).runtimes["onnxruntime/fp32"]["graph"].numpy().tobytes()
+    cases["mismatched"] = _other_bundle(folder / "mismatched.pt", classes=3, crop=64)
+    # The 5-class, 32-pixel graph retagged with this bundle's hash: only its inputs and outputs are wrong.
+    _carrying(cases["mismatched"], _retagged(source, load_bundle(cases["mismatched"]).content_hash))
     return cases
 
 
@@ -144,6 +230,9 @@ def bad_graphs(exported, tmp_path_factory) -> dict[str, Path]:
         ("truncated", "is not a readable ONNX graph"),
         ("garbage", "is not a readable ONNX graph"),
         ("mismatched", "takes tensor(float)"),
+        ("damaged", "graph is damaged (its sha256 differs"),
+        ("external", "names external data ("),
+        ("legacy", "was made from another bundle"),
     ],
 )
 def test_a_bad_graph_stops_the_master_before_any_worker(bad_graphs, case, message, tmp_path):
@@ -155,8 +244,19 @@ def test_a_bad_graph_stops_the_master_before_any_worker(bad_graphs, case, messag
         env={**os.environ, "MODEL_PATH": str(bundle), "DEVICE": "cpu", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
     )  # fmt: skip
     assert result.returncode != 0 and "configuration error: BACKEND=auto PRECISION=fp32:" in result.stderr
-    assert str(graph_path(bundle, "fp32")) in result.stderr and "python scripts/export.py" in result.stderr
+    where = str(graph_path(bundle, "fp32")) if case == "legacy" else f"{bundle.name}:onnxruntime/fp32"
+    assert where in result.stderr and "python scripts/export.py" in result.stderr
     assert "Traceback" not in result.stderr
+    # A worker loading it (without the master's check) refuses it the same way, before ONNX Runtime opens it.
+    with pytest.raises(GraphError, match=re.escape(message)):
+        load_predictor(bundle, CPU, "fp32", "onnxruntime")
+
+
+def test_a_graph_naming_external_data_is_refused_before_anything_reads_it(bad_graphs):
+    data = load_bundle(bad_graphs["external"]).runtimes["onnxruntime/fp32"]["graph"].numpy().tobytes()
+    problem = untrusted_problem(data)
+    assert "names external data" in problem and "'/etc/passwd'" in problem
+    assert untrusted_problem(_retagged(data, "x")) is not None  # still external after retagging
 
 
 def test_missing_onnxruntime_stops_the_master(exported, tmp_path):
@@ -191,9 +291,9 @@ def test_the_server_serves_through_onnx_runtime_and_falls_back_without_a_graph(e
         finally:
             server.stop()
         if backend == "torch":  # auto without a graph: PyTorch serves, and the log says why
-            assert "no fp32 graph at" in server.log() and "python scripts/export.py" in server.log()
+            assert "carries no fp32 graph" in server.log() and "python scripts/export.py" in server.log()
         else:
-            assert member["graph"] == graph_path(bundle, "fp32").name and member["agreement"]["agreement"] == 1.0
+            assert member["graph"] == "bundle.pt:onnxruntime/fp32" and member["agreement"]["agreement"] == 1.0
 
 
 @pytest.mark.numerics
@@ -213,15 +313,14 @@ def test_evaluation_measures_the_int8_that_is_served(exported, training_data, tm
 
 @pytest.fixture(scope="module")
 def both_runtimes(exported, tmp_path_factory) -> Path:
-    """The exported bundle with its graphs and a PyTorch int8 file too: two candidates for fp32 and for int8."""
+    """The trained bundle carrying its graphs and a PyTorch int8 network too: two candidates for fp32 and int8."""
     source, _ = exported
     bundle = Path(shutil.copy(source, tmp_path_factory.mktemp("both") / "both.pt"))
-    for precision in ("fp32", "int8"):
-        shutil.copy(graph_path(source, precision), graph_path(bundle, precision))
     model, loaded = load_model(bundle)
     crop = loaded.preprocess["crop"]
     quantized = quantize(model, [trial_images(8, crop)], crop)  # timing only: calibrated on noise
-    save_int8(int8_path(bundle), quantized, loaded, {"calibration": {"images": 8, "data": "noise, for timing"}})
+    entry = int8_entry(quantized, loaded, {"calibration": {"images": 8, "data": "noise, for timing"}})
+    add_runtimes(bundle, loaded.content_hash, {ENTRY: entry})
     return bundle
 
 
@@ -250,8 +349,8 @@ def test_auto_serves_the_runtime_measured_faster_on_this_cpu(both_runtimes, prec
     measured = _assert_measured(loaded.members[0], precision)
     assert loaded.backends == (measured["backend"],) and measured["batch"] == 4
     files = {name: one["file"] for name, one in measured["candidates"].items()}
-    torch_file = int8_path(both_runtimes).name if precision == "int8" else both_runtimes.name
-    assert files == {"onnxruntime": graph_path(both_runtimes, precision).name, "torch": torch_file}
+    torch_file = "both.pt:torch/int8" if precision == "int8" else "both.pt"
+    assert files == {"onnxruntime": f"both.pt:onnxruntime/{precision}", "torch": torch_file}
     served = loaded.predictor.members[0].model
     assert isinstance(served, OnnxNetwork) == (measured["backend"] == "onnxruntime")
     # A measurement made before (gunicorn's master) decides without timing anything again.
@@ -262,22 +361,22 @@ def test_auto_serves_the_runtime_measured_faster_on_this_cpu(both_runtimes, prec
 
 
 def test_one_candidate_is_not_measured(exported, both_runtimes, bundle_copy, tmp_path):
-    only_graph = load_predictor(exported[0], CPU, "int8", "auto").members[0]  # no PyTorch int8 file beside it
+    only_graph = load_predictor(exported[0], CPU, "int8", "auto").members[0]  # it carries no PyTorch int8 network
     assert only_graph["backend"] == "onnxruntime" and only_graph["measured"] is None
-    assert "PyTorch's int8 is no candidate: no int8 network at" in only_graph["reason"]
+    assert "PyTorch's int8 is no candidate: bundle.pt carries no int8 network" in only_graph["reason"]
     no_graph = load_predictor(bundle_copy, CPU, "fp32", "auto").members[0]
     assert no_graph["backend"] == "torch" and no_graph["measured"] is None
     asked = load_predictor(both_runtimes, CPU, "int8", "torch").members[0]
     assert asked["backend"] == "torch" and asked["measured"] is None
     settings = load_settings({}, {"MODEL_PATH": str(bundle_copy), "DEVICE": "cpu"}, machine=False)
     assert not measures_backends(settings)  # so gunicorn's master starts no trial either
-    # A stale PyTorch int8 file is no candidate: ONNX Runtime serves, and the reason names the file and its fix.
+    # An unusable PyTorch int8 entry is no candidate: ONNX Runtime serves, and the reason names it and its fix.
     stale = Path(shutil.copy(exported[0], tmp_path / "stale.pt"))
-    shutil.copy(graph_path(exported[0], "int8"), graph_path(stale, "int8"))
-    torch.save({"format": {"name": "something-else"}}, int8_path(stale))
+    add_runtimes(stale, load_bundle(stale).content_hash, {ENTRY: {"format": {"name": "something-else"}}})
     member = load_predictor(stale, CPU, "int8", "auto").members[0]
     assert member["backend"] == "onnxruntime" and member["measured"] is None
-    assert "is not an int8 network file" in member["reason"] and "python scripts/quantize.py" in member["reason"]
+    assert "stale.pt:torch/int8 is not an int8 network of this version" in member["reason"]
+    assert "python scripts/quantize.py" in member["reason"]
 
 
 def test_gunicorn_measures_once_before_forking_and_every_worker_serves_the_choice(both_runtimes, tmp_path):
@@ -292,7 +391,8 @@ def test_gunicorn_measures_once_before_forking_and_every_worker_serves_the_choic
         server.stop()
     measured = _assert_measured(member, "int8")
     assert measured["batch"] == 4 and measured["threads"] == 1
-    assert {one["file"] for one in measured["candidates"].values()} == {"both.int8.pt", "both.int8.onnx"}
+    files = {one["file"] for one in measured["candidates"].values()}
+    assert files == {"both.pt:torch/int8", "both.pt:onnxruntime/int8"}
     # Both workers log the same figures: the master's one trial, not one per worker.
     lines = [line for line in server.log().splitlines() if f"by {member['backend']} int8 (int8: " in line]
     assert len(lines) == 2 and len({line.split("BACKEND=auto: ")[1] for line in lines}) == 1
@@ -304,3 +404,64 @@ def test_an_app_without_gunicorns_master_measures_in_a_child(both_runtimes, app_
     assert _assert_measured(member, "int8")["batch"] == 2
     served = get_service(app).handler.predictor.members[0].model
     assert isinstance(served, OnnxNetwork) == (member["backend"] == "onnxruntime")
+
+
+# The hot-swap docs/operations.md documents, on bundles as training writes them (graphs inside): under load, every
+# answer 200, every worker on the new version, served by the runtime that served before; then the model watch
+# (MODEL_WATCH_S, what compose and Kubernetes set) swaps back with no HUP at all.
+
+
+@pytest.fixture(scope="module")
+def retrained(training_data, tmp_path_factory) -> Path:
+    """Another training run's bundle (another seed), with its graphs: the 'new model' of a hot-swap."""
+    output = tmp_path_factory.mktemp("retrained") / "new.pt"
+    run_train(training_data, output, **{**FIXTURE, "epochs": 1}, seed=1, graphs="fp32,int8")
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_hot_swap_of_one_file_serves_the_new_version_on_the_same_runtime(exported, retrained, precision, tmp_path):
+    photo = (REPO_ROOT / "tests" / "data" / "chelsea.jpg").read_bytes()
+    model_path = tmp_path / "current.pt"
+    soak.replace_atomically(exported[0], model_path)
+    old, new = load_bundle(exported[0]).version, load_bundle(retrained).version
+    server = start_server(model_path, tmp_path, workers=2, DEVICE="cpu", PRECISION=precision, MODEL_WATCH_S="0.5",
+                          GRACEFUL_TIMEOUT=10)  # fmt: skip
+    try:
+        poll_readyz(server, workers=2)
+        before = requests.get(f"{server.url}/model", timeout=30).json()["members"][0]["backend"]
+        with soak.Load(server.url, photo, clients=4) as load:
+            load.wait_answers(4)
+            swap = soak.hot_swap(server.url, server.process.pid, load, 2, retrained, model_path)
+            after = requests.get(f"{server.url}/model", timeout=30).json()["members"][0]
+            # Back to the first bundle by replacing the file alone: the master's watch reloads.
+            start = time.monotonic()
+            soak.replace_atomically(exported[0], model_path)
+            soak.wait_for(lambda: soak.live_versions(server.url) == {old: 2.0}, 120, "the watch's reload")
+            load.wait_answers(4, since=time.monotonic())
+            back = soak.summarize(load.since(start))
+    finally:
+        server.stop()
+    assert swap["non_2xx"] == back["non_2xx"] == 0 and swap["requests"] and back["requests"], (swap, back)
+    assert swap["served_version"] == new and set(swap["versions_live"]) == {new}
+    assert after["backend"] == before and after["precision"] == precision
+    if before == "onnxruntime":
+        assert after["graph"] == f"current.pt:onnxruntime/{precision}"
+    assert "model watch: " in server.log() and "replaced; reloading (SIGHUP)" in server.log()
+
+
+def test_the_model_watch_reloads_once_a_change_holds_still(tmp_path):
+    path, reasons = tmp_path / "m.pt", []
+    path.write_bytes(b"one")
+    watch = ModelWatch([str(path)], 60, reasons.append)
+    seen = watch.poll(watch.poll(signature([str(path)])))
+    assert reasons == []  # nothing changed
+    path.write_bytes(b"two, longer")
+    seen = watch.poll(seen)
+    assert reasons == []  # changed since the last look: it may still be being written
+    watch.poll(seen)
+    assert reasons == [f"{path} replaced"]
+    path.unlink()
+    watch.poll(watch.poll(seen))
+    assert len(reasons) == 1  # no file: nothing to load, nothing reloaded

@@ -16,9 +16,10 @@ import torch
 
 from app import create_app, get_service
 from app.config import ConfigError, load_settings
-from models.bundle import load_bundle, load_model
+from models.bundle import add_runtimes, load_bundle, load_model
 from models.loader import load_predictor
 from models.quantize import (
+    ENTRY,
     RECOMMENDED_AGREEMENT,
     Int8Network,
     QuantizationError,
@@ -32,7 +33,7 @@ from models.runtime import cpu_bf16_problem
 from models.training.agreement import batches, bundle_split, labelled
 from models.training.evaluation import evaluate_bundle
 from models.training.quantization import quantize_bundle
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, legacy_bundle
 
 NATIVE_BF16 = cpu_bf16_problem() is None
 INT8 = {"PRECISION": "int8", "DEVICE": "cpu"}
@@ -79,20 +80,20 @@ def assert_same_state(actual: dict, expected: dict) -> None:
 @pytest.fixture(scope="module")
 def int8_run(trained_bundle_path, training_data, tmp_path_factory):
     """A copy of the trained fixture bundle quantized by the library the script calls (48 calibration images, all
-    60 held-out images), its int8 file beside it as scripts/quantize.py leaves them."""
+    60 held-out images), carrying its int8 network as scripts/quantize.py leaves it."""
     bundle = tmp_path_factory.mktemp("int8") / "bundle.pt"
     shutil.copy(trained_bundle_path, bundle)
     report = quantize_bundle(bundle, training_data, 48, 60, batch_size=16, workers=0)
-    return {**report, "bundle": bundle, "output": int8_path(bundle)}
+    return {**report, "bundle": bundle}
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch.load of quantized tensors
 def test_int8_file_reloads_without_calibration_and_matches(int8_run, trained_bundle_path, training_data):
-    bundle = load_bundle(trained_bundle_path)
-    state = torch.load(int8_run["output"], weights_only=True)  # a plain dict: safe to load
-    assert state["bundle_hash"] == bundle.content_hash and state["backend"] == "x86"
-    assert state["info"]["calibration"]["images"] == 48
-    reloaded = load_int8(bundle, path=int8_run["output"])
+    bundle = load_bundle(int8_run["bundle"])  # torch.load(weights_only=True): plain entries, safe to load
+    state = bundle.runtimes[ENTRY]
+    assert state["bundle_hash"] == bundle.content_hash == load_bundle(trained_bundle_path).content_hash
+    assert state["backend"] == "x86" and state["info"]["calibration"]["images"] == 48
+    reloaded = load_int8(bundle)
     model, _ = load_model(trained_bundle_path)
     images = next(iter(batches([(str(p), 0) for p in sorted((training_data / "val").rglob("*.jpg"))[:8]],
                                bundle.preprocess, 8, 0)))  # fmt: skip
@@ -117,20 +118,23 @@ def test_each_precision_agrees_with_fp32(int8_run):
     assert agreement["bf16"]["agreement"] >= 0.9
 
 
-def test_a_stale_or_foreign_int8_file_is_refused(int8_run, tiny_bundle_path, tmp_path):
-    with pytest.raises(QuantizationError, match="another bundle"):
-        read_int8(int8_run["output"], load_bundle(tiny_bundle_path))
-    with pytest.raises(QuantizationError, match="scripts/quantize.py"):
-        load_int8(load_bundle(tiny_bundle_path), path=tmp_path / "missing.int8.pt")
-    torch.save({"format": {"name": "something-else"}}, tmp_path / "other.pt")
-    with pytest.raises(QuantizationError, match="not an int8 network file"):
-        read_int8(tmp_path / "other.pt", load_bundle(tiny_bundle_path))
+def test_a_missing_stale_or_foreign_int8_network_is_refused(int8_run, bundle_copy):
+    with pytest.raises(QuantizationError, match="carries no int8 network; make it with: python scripts/quantize.py"):
+        load_int8(load_bundle(bundle_copy))
+    # Only a format-2 bundle can meet another bundle's int8 network: the file beside it.
+    old = legacy_bundle(bundle_copy, bundle_copy)
+    torch.save(load_bundle(int8_run["bundle"]).runtimes[ENTRY], int8_path(old))
+    with pytest.raises(QuantizationError, match="was made from another bundle"):
+        read_int8(load_bundle(old))
+    torch.save({"format": {"name": "something-else"}}, int8_path(old))
+    with pytest.raises(QuantizationError, match="is not an int8 network of this version"):
+        read_int8(load_bundle(old))
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
 def test_the_report_measures_the_loaders_predictors(int8_run, training_data, tmp_path):
-    # The recorded agreement is that of the predictors the loader builds (int8: the file beside the bundle, read
-    # back) on the held-out images: the same figures come out of load_predictor and scripts/evaluate.py.
+    # The recorded agreement is that of the predictors the loader builds (int8: the network the bundle carries,
+    # read back) on the held-out images: the same figures come out of load_predictor and scripts/evaluate.py.
     bundle, recorded = load_bundle(int8_run["bundle"]), int8_run["agreement"]
     _, holdout, _ = bundle_split(bundle, training_data, 0, 60)
     images = [batch for batch, _ in labelled(holdout, bundle.preprocess, 16, 0)]
@@ -145,7 +149,7 @@ def test_the_report_measures_the_loaders_predictors(int8_run, training_data, tmp
         assert report["images"] == 60 and round(report["accuracy"], 4) == recorded["int8"][key]
 
 
-def test_quantize_script_writes_next_to_the_bundle(trained_bundle_path, training_data, tmp_path):
+def test_quantize_script_writes_into_the_bundle(trained_bundle_path, training_data, tmp_path):
     bundle = tmp_path / "bundle.pt"
     bundle.write_bytes(trained_bundle_path.read_bytes())
     argv = ["--model", str(bundle), "--data-dir", str(training_data), "--calibration-images", "16"]
@@ -155,7 +159,8 @@ def test_quantize_script_writes_next_to_the_bundle(trained_bundle_path, training
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["int8"] == str(int8_path(bundle)) == str(tmp_path / "bundle.int8.pt")
+    assert report["int8"] == f"{bundle}:torch/int8" and ENTRY in load_bundle(bundle).runtimes
+    assert [path.name for path in tmp_path.iterdir()] == ["bundle.pt"]  # one file
     assert set(report["agreement"]) == {"fp32", "bf16", "int8"}
     bad = subprocess.run(
         [sys.executable, "scripts/quantize.py", "--model", str(bundle), "--data-dir", str(tmp_path / "nothing")],
@@ -166,7 +171,7 @@ def test_quantize_script_writes_next_to_the_bundle(trained_bundle_path, training
 
 @pytest.fixture(scope="module")
 def int8_bundle(int8_run) -> Path:
-    """The trained bundle with its int8 file next to it, as scripts/quantize.py leaves them."""
+    """The trained bundle carrying its int8 network, as scripts/quantize.py leaves it."""
     return int8_run["bundle"]
 
 
@@ -175,7 +180,7 @@ def test_int8_serves_the_stored_network_and_explains_in_float32(int8_bundle, int
     fp32, int8 = app_factory(int8_bundle), app_factory(int8_bundle, PRECISION="int8")
     (member,) = int8.test_client().get("/model").get_json()["members"]
     assert member["int8"]["agreement"] == int8_run["agreement"]["int8"]  # what scripts/quantize.py measured
-    assert member["int8"]["file"] == int8_path(int8_bundle).name and member["int8"]["calibration"]["images"] == 48
+    assert member["int8"]["file"] == "bundle.pt:torch/int8" and member["int8"]["calibration"]["images"] == 48
     assert "int8" not in fp32.test_client().get("/model").get_json()["members"][0]
     served = get_service(int8).handler.predictor.members[0].model
     assert isinstance(served, Int8Network) and not any(p.is_floating_point() for p in served.backbone.parameters())
@@ -192,13 +197,14 @@ def test_int8_serves_the_stored_network_and_explains_in_float32(int8_bundle, int
     assert explained.status_code == 200 and explained.get_json()["explained_class"]
 
 
-def test_int8_start_up_needs_a_current_int8_file(int8_bundle, bundle_copy, tiny_bundle_path, tmp_path):
+def test_int8_start_up_needs_a_current_int8_network(int8_bundle, bundle_copy, tiny_bundle_path, tmp_path):
     assert int8_problem(int8_bundle) is None
     missing = int8_problem(bundle_copy)
-    assert f"no int8 network at {int8_path(bundle_copy)}" in missing and "python scripts/quantize.py" in missing
+    assert f"{bundle_copy} carries no int8 network" in missing and "python scripts/quantize.py" in missing
     with pytest.raises(QuantizationError, match="make it with: python scripts/quantize.py --model"):
         create_app({"MODEL_PATH": str(bundle_copy), "PRECISION": "int8", "TORCH_THREADS": 1})
-    shutil.copy(int8_path(int8_bundle), int8_path(bundle_copy))  # made from another bundle: stale
+    legacy_bundle(bundle_copy, bundle_copy)  # format 2, with another bundle's int8 network beside it: stale
+    torch.save(load_bundle(int8_bundle).runtimes[ENTRY], int8_path(bundle_copy))
     assert "was made from another bundle" in int8_problem(bundle_copy)
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "--check-config", "-c", "gunicorn.conf.py", "app:create_app()"],
@@ -212,9 +218,10 @@ def test_int8_start_up_needs_a_current_int8_file(int8_bundle, bundle_copy, tiny_
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
 def test_int8_below_the_recommended_agreement_is_served_with_a_warning(int8_bundle, app_factory, tmp_path, caplog):
     bundle = Path(shutil.copy(int8_bundle, tmp_path / "low.pt"))
-    state = torch.load(int8_path(int8_bundle), weights_only=True)
+    loaded = load_bundle(bundle)
+    state = loaded.runtimes[ENTRY]
     state["info"]["agreement"]["int8"]["agreement"] = 0.9
-    torch.save(state, int8_path(bundle))
+    add_runtimes(bundle, loaded.content_hash, {ENTRY: state})
     with caplog.at_level(logging.WARNING, logger="app.inference"):
         app = app_factory(bundle, PRECISION="int8")
     assert app.test_client().get("/model").get_json()["members"][0]["int8"]["agreement"]["agreement"] == 0.9

@@ -230,10 +230,10 @@ def run(config: BenchmarkConfig, progress: Callable[[str], None] = print) -> dic
 def stored_agreement(model: str) -> dict | None:
     """Each precision's top-1 agreement with fp32, as scripts/quantize.py stored it with the int8 network."""
     from models.bundle import BundleError, load_bundle
-    from models.quantize import QuantizationError, int8_path, read_int8
+    from models.quantize import QuantizationError, read_int8
 
     try:
-        return read_int8(int8_path(model), load_bundle(model))["info"].get("agreement")
+        return read_int8(load_bundle(model))["info"].get("agreement")
     except (BundleError, QuantizationError):
         return None
 
@@ -422,10 +422,10 @@ def untrained_bundle(
     for timing only, their predictions mean nothing. Written once, reused."""
     import torch
 
-    from models.bundle import load_model, save_bundle
+    from models.bundle import add_runtimes, load_model, save_bundle
     from models.images import load_image
     from models.pet_classifier import PetClassifier
-    from models.quantize import int8_path, quantize, save_int8
+    from models.quantize import ENTRY, int8_entry, quantize
     from models.transforms import default_preprocess, eval_transform
 
     if not Path(path).is_file():
@@ -433,12 +433,12 @@ def untrained_bundle(
         model = PetClassifier(classes, arch=arch, weights="none").eval()
         names = [f"class_{index:02d}" for index in range(classes)]
         save_bundle(path, model, names, default_preprocess(image_size), training={"untrained": True})
-    if int8 and not int8_path(path).is_file():
-        model, bundle = load_model(path)
+    model, bundle = load_model(path)
+    if int8 and ENTRY not in bundle.runtimes:
         tensor = eval_transform(bundle.preprocess)(load_image(image, min_size=bundle.preprocess["resize"]))
         quantized = quantize(model, [torch.stack([tensor] * 4)], bundle.preprocess["crop"])
         info = {"calibration": {"images": 1, "data": f"{image} only: for timing, not for accuracy"}}
-        save_int8(int8_path(path), quantized, bundle, info)
+        add_runtimes(path, bundle.content_hash, {ENTRY: int8_entry(quantized, bundle, info)})
     if graphs:
         _untrained_graphs(path, image, ("fp32", "int8") if int8 else ("fp32",))
     return str(path)
@@ -447,16 +447,18 @@ def untrained_bundle(
 def _untrained_graphs(path: str | os.PathLike, image: str, precisions: tuple[str, ...]) -> None:
     import torch
 
-    from models.graphs import graph_path
+    from models.bundle import add_runtimes
+    from models.graphs import carries
     from models.images import load_image
     from models.loader import load_predictor
-    from models.training.export import write_graphs
+    from models.training.export import make_graphs
     from models.transforms import eval_transform
 
-    missing = tuple(p for p in precisions if not graph_path(path, p).is_file())
+    missing = tuple(p for p in precisions if not carries(path, p))
     if missing:
         loaded = load_predictor(path, "cpu", "fp32", "torch")
         bundle = loaded.ensemble.bundles[0]
         tensor = eval_transform(bundle.preprocess)(load_image(image, min_size=bundle.preprocess["resize"]))
         batch = torch.stack([tensor, tensor.flip(-1)] * 2)
-        write_graphs(bundle, loaded.floats, missing, [batch], source=f"{image} only: for timing, not for accuracy")
+        entries = make_graphs(bundle, loaded.floats, missing, [batch], source=f"{image} only: for timing, not accuracy")
+        add_runtimes(path, bundle.content_hash, entries)

@@ -4,11 +4,9 @@ held-out ones measure), and candidate predictors compared with the fp32 referenc
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
@@ -76,15 +74,11 @@ def _unmeasured_int8(record: logging.LogRecord) -> bool:
 
 
 @contextmanager
-def measuring(path: str | os.PathLike):
-    """While the file at `path` is written where the loader reads it and measured through the loader: the loader's
-    warning that an int8 file has no agreement recorded is muted (it is being recorded), and should measuring fail,
-    the unmeasured file is removed."""
+def quiet_unmeasured():
+    """While a runtime is measured through the loader: the loader's warning that an int8 network has no agreement
+    recorded is muted (it is being recorded)."""
     LOADER_LOG.addFilter(_unmeasured_int8)
     try:
-        yield Path(path)
-    except BaseException:
-        Path(path).unlink(missing_ok=True)
-        raise
+        yield
     finally:
         LOADER_LOG.removeFilter(_unmeasured_int8)

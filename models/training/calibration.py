@@ -10,10 +10,13 @@ from pathlib import Path
 import torch
 
 from models.bundle import load_bundle, save_bundle
+from models.graphs import GRAPH_PRECISIONS, carries
 from models.loader import load_predictor
 from models.runtime import resolve_device
+from models.training.agreement import pick
 from models.training.data import DataError, ImageList, discover, make_loader
 from models.training.engine import collect_outputs
+from models.training.export import export_split
 from models.training.ood import DEFAULT_SCORE, auto_score, fit_detector
 from models.transforms import eval_transform
 
@@ -143,8 +146,9 @@ def calibrate_folder(
 ) -> dict:
     """Fit temperature and OOD detector of an existing bundle on DIR's validation images (as training splits DIR).
 
-    Writes `output` (default: the bundle itself, rewritten atomically); a version-1 bundle becomes version 2.
+    Writes `output` (default: the bundle itself, rewritten atomically); an older bundle becomes the current format.
     `score` "auto" keeps the bundle's detector (kept_score); the calibration entry gains `ood_score`, the one fitted.
+    The graphs the bundle carried are made again for the new version (calibrated and measured on DIR's split).
     """
     output = Path(output or model_path)
     if output != Path(model_path):
@@ -161,7 +165,11 @@ def calibrate_folder(
         for samples in (split.val, split.train)
     )
     score = kept_score(bundle) if score == "auto" else score
-    return {**fit_bundle(output, val, train, resolved, score), "ood_score": score}
+    fitted = {**fit_bundle(output, val, train, resolved, score), "ood_score": score}
+    carried = tuple(p for p in GRAPH_PRECISIONS if carries(model_path, p))
+    if carried:  # a new content hash: the graphs of the old one are not carried over
+        export_split(output, (pick(split.train, 300, seed), pick(split.val, 200, seed), split.source), carried)
+    return fitted
 
 
 def kept_score(bundle) -> str:

@@ -57,6 +57,13 @@ def _outliers(label: str, raw: object) -> str:
     return value
 
 
+def _graphs(label: str, raw: object) -> str:
+    value = str(raw).strip().lower()
+    if value != "none" and (not value or set(value.split(",")) - {"fp32", "int8"}):
+        raise SettingError(f"{label}={raw!r} is invalid: must be 'none' or a comma list of fp32, int8")
+    return value
+
+
 _path = optional(text)
 _count = between(int, 0)
 _fraction = between(float, 0.0, 0.999)
@@ -116,9 +123,16 @@ class TrainConfig:
     outlier_exposure: float = setting(0.0, _positive)
     outliers: str = setting(SYNTHETIC, _outliers)
     ood_score: str = setting("auto", one_of("auto", *SCORES))
+    # what the bundle carries for ONNX Runtime: its graphs, int8 calibrated on training images (models/graphs.py)
+    graphs: str = setting("fp32,int8", _graphs)
 
     def __post_init__(self):
         validate(self)
+
+    @property
+    def graph_precisions(self) -> tuple[str, ...]:
+        """The graphs to write into the bundle after training, e.g. ('fp32', 'int8'); () for none."""
+        return () if self.graphs == "none" else tuple(sorted(set(self.graphs.split(",")), key=("fp32", "int8").index))
 
     @classmethod
     def demo(cls, **overrides) -> TrainConfig:

@@ -19,6 +19,7 @@ from models.bundle import atomic_save, load_bundle, save_bundle
 from models.pet_classifier import PetClassifier, imagenet_weights_cached
 from models.runtime import DeviceError, Runtime, resolve_amp
 from models.training import distributed as dist_utils
+from models.training.agreement import pick
 from models.training.calibration import fit_bundle
 from models.training.config import SettingError, TrainConfig
 from models.training.data import (
@@ -35,6 +36,7 @@ from models.training.data import (
     train_sampler,
 )
 from models.training.engine import Exposure, evaluate, make_scaler, progress_enabled, train_one_epoch
+from models.training.export import export_split
 from models.training.outliers import outlier_dataset, outlier_loader
 from models.training.reporting import classification_report, epoch_line, plot_curves, sibling, write_history
 from models.training.strategies import (
@@ -344,6 +346,7 @@ def train(config: TrainConfig) -> dict:
             dist_utils.cleanup()
         if ctx.is_main:  # after leaving the process group: the other processes are done, nothing here is collective
             summary["calibration"] = calibrate(config, data, ctx)
+            summary["runtimes"] = export_graphs(config, data, ctx)
             settings = {**config.to_dict(), "weights_used": weights, "world_size": ctx.dist.world_size}
             step = state.history[-1]["epoch"] if state.history else state.start_epoch
             board.finish(step, settings, final_metrics(config, summary), summary["calibration"])
@@ -379,6 +382,23 @@ def calibrate(config: TrainConfig, data: DataSplit, ctx: Context) -> dict | None
         f"-> {calibration['ece_after']:.4f} on {calibration['images']} validation images; bundle {config.output}"
     )
     return calibration
+
+
+def export_graphs(config: TrainConfig, data: DataSplit, ctx: Context) -> dict | None:
+    """Write the ONNX Runtime graphs into the calibrated bundle (int8 calibrated on training images, each measured
+    on validation images), so the file training leaves is the whole model."""
+    if not config.graph_precisions or not Path(config.output).is_file():
+        return None
+    started = time.perf_counter()
+    split = (pick(data.train, 300, config.seed), pick(data.val, 200, config.seed), data.source)
+    report = export_split(config.output, split, config.graph_precisions, config.batch_size, config.workers)
+    agreements = ", ".join(
+        f"{name}: top-1 agreement with PyTorch {measured['agreement']:.2%}"
+        for name, info in report["runtimes"].items()
+        for measured in (info.get("agreement") or {}).values()
+    )
+    ctx.log(f"graphs for ONNX Runtime in {config.output} ({agreements}), {time.perf_counter() - started:.0f} s")
+    return report["runtimes"]
 
 
 def save_best(config: TrainConfig, state: TrainState, data: DataSplit, ctx: Context, weights: str, row, val):
