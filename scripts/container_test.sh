@@ -90,7 +90,7 @@ for _ in $(seq 90); do
 done
 [ "$now" != "$before" ] || { say "the api still serves $before after the retrain"; exit 1; }
 [ "$(api_log_count "model watch: /models/pet_classifier.pt replaced")" -gt 0 ] || { say "no model-watch reload"; exit 1; }
-[ "$(docker inspect -f '{{.State.RestartCount}}' "$api")" = 0 ] || { say "the api restarted"; exit 1; }
+[ "$(docker inspect -f '{{.RestartCount}}' "$api")" = 0 ] || { say "the api restarted"; exit 1; }
 curl -sS --fail -o /dev/null -F "image=@$PHOTO" "http://127.0.0.1:$API_PORT/predict"
 say "the model watch reloaded: $now serves, no restart"
 
