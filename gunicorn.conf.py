@@ -73,7 +73,6 @@ def _settings():
 
 
 _server, _app = _settings()
-_watch = None  # the ModelWatch when_ready starts once; a reload runs this file again, and its thread goes on
 bind = _server.address
 # gthread, plus: accept only once warm, keep serving through a reload until the new workers are warm,
 # and a worker that cannot load while others serve fails alone (app/lifecycle.py).
@@ -107,8 +106,7 @@ def on_starting(server):
 def when_ready(server):
     """Master, listening: with MODEL_WATCH_S, watch the model files and reload when one is replaced."""
     if _server.model_watch_s > 0 and _app is not None:
-        global _watch
-        _watch = ModelWatch(_app.model_paths, _server.model_watch_s, hup_self(server.log.info)).start()
+        ModelWatch(_app.model_paths, _server.model_watch_s, hup_self(server.log.info)).start()
         server.log.info("model watch: every %gs, %s", _server.model_watch_s, ", ".join(_app.model_paths))
 
 

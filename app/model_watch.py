@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 Signature = tuple[tuple[int, int, int] | None, ...]
@@ -35,17 +36,10 @@ class ModelWatch:
     def __init__(self, paths: Sequence[str], interval: float, reload: Callable[[str], None]):
         self.paths, self.interval, self._reload = tuple(paths), interval, reload
         self._served = signature(self.paths)  # what the running workers loaded
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="model-watch", daemon=True)
 
-    def start(self) -> ModelWatch:
-        """Start polling in a daemon thread; returns self."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop polling (the master is exiting)."""
-        self._stop.set()
+    def start(self) -> None:
+        """Poll in a daemon thread for the master's lifetime (it outlives reloads: gunicorn runs when_ready once)."""
+        threading.Thread(target=self._run, name="model-watch", daemon=True).start()
 
     def poll(self, seen: Signature) -> Signature:
         """One step: `seen` is the signature of the previous poll; reloads when it differs from what is served and
@@ -59,7 +53,8 @@ class ModelWatch:
 
     def _run(self) -> None:
         seen = self._served
-        while not self._stop.wait(self.interval):
+        while True:
+            time.sleep(self.interval)
             seen = self.poll(seen)
 
 

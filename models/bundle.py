@@ -48,6 +48,11 @@ class Bundle:
     format_version: int = FORMAT_VERSION
 
     @property
+    def carried_header(self) -> dict:
+        """Its format and runtimes as models.graphs.bundle_header reads them from the file (what it carries)."""
+        return {"format": {"name": FORMAT_NAME, "version": self.format_version}, "runtimes": self.runtimes}
+
+    @property
     def version(self) -> str:
         """Short content-hash version, e.g. 'sha256:1a2b3c4d5e6f'."""
         return f"sha256:{self.content_hash[:12]}"
@@ -166,11 +171,9 @@ def add_runtimes(path: str | os.PathLike, content_hash: str, entries: dict[str, 
     if raw["content_hash"] != content_hash:
         raise BundleError(f"{path} was replaced (now sha256:{raw['content_hash'][:12]}) while its runtimes were made "
                           f"from sha256:{content_hash[:12]}; nothing written")  # fmt: skip
-    unknown = sorted(set(entries) - set(RUNTIME_ENTRIES))
-    if unknown:
-        raise ValueError(f"unknown runtime entries {unknown}; valid: {', '.join(RUNTIME_ENTRIES)}")
     tied = {name: {**entry, "bundle_hash": content_hash} for name, entry in entries.items()}
     raw["runtimes"] = {**(raw.get("runtimes") or {}), **tied}
+    _check_runtimes(raw)  # what load_bundle will check: known entries only
     raw["format"] = {"name": FORMAT_NAME, "version": FORMAT_VERSION}  # the hash covers the same entries in 2 and 3
     atomic_save(raw, path)
 

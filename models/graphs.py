@@ -46,6 +46,12 @@ def entry_name(precision: str) -> str:
     return f"onnxruntime/{precision}"
 
 
+def carries_inside(header: dict) -> bool:
+    """Whether a bundle of this header (bundle_header, or a loaded bundle's format) carries its runtimes (format 3)
+    rather than having them beside it (formats 1 and 2)."""
+    return header.get("format", {}).get("version", 0) >= 3
+
+
 def graph_path(bundle_path: str | os.PathLike, precision: str) -> Path:
     """Where format-1/2 bundles had their graphs: models/pet_classifier.pt -> models/pet_classifier.fp32.onnx."""
     path = Path(bundle_path)
@@ -132,7 +138,7 @@ def carried(bundle_path: str | os.PathLike, header: dict, precision: str, read=N
     """The graph for `precision` the bundle carries (format 1/2: the file beside it), else None; `read(entry)`
     gives an entry's bytes (default: from the zip, without torch). Raises GraphError for a damaged entry."""
     name = os.path.basename(bundle_path)
-    if header.get("format", {}).get("version", 0) < 3:
+    if not carries_inside(header):
         path = graph_path(bundle_path, precision)
         return Graph(path.read_bytes(), str(path)) if path.is_file() else None
     entry = (header.get("runtimes") or {}).get(entry_name(precision))
@@ -293,9 +299,9 @@ def graph_state(bundle_path: str | os.PathLike) -> str:
     """'carried' (the bundle carries its fp32 graph), 'beside' (format 1/2 with graphs beside it, for
     `scripts/export.py --upgrade`) or 'none'; scripts/ensure_model.sh asks. Raises for a file that is no bundle."""
     header = bundle_header(bundle_path)
-    if header.get("format", {}).get("version", 0) < 3:
-        return "beside" if any(graph_path(bundle_path, p).is_file() for p in GRAPH_PRECISIONS) else "none"
-    return "carried" if entry_name("fp32") in (header.get("runtimes") or {}) else "none"
+    if not carries_inside(header):
+        return "beside" if any(carries(bundle_path, p, header) for p in GRAPH_PRECISIONS) else "none"
+    return "carried" if carries(bundle_path, "fp32", header) else "none"
 
 
 def carries(bundle_path: str | os.PathLike, precision: str, header: dict | None = None) -> bool:
@@ -307,7 +313,7 @@ def carries(bundle_path: str | os.PathLike, precision: str, header: dict | None 
         header = bundle_header(bundle_path) if header is None else header
     except Exception:  # an unreadable bundle is reported by the bundle loader itself
         return False
-    if header.get("format", {}).get("version", 0) < 3:
+    if not carries_inside(header):
         return graph_path(bundle_path, precision).is_file()
     return entry_name(precision) in (header.get("runtimes") or {})
 

@@ -61,14 +61,9 @@ def backend_of(model) -> str:
     return "onnxruntime" if isinstance(model, OnnxNetwork) else "torch"
 
 
-def _plain(bundle) -> dict:
-    """The loaded bundle's entries that say what it carries, as models.graphs reads them from a file."""
-    return {"format": {"version": bundle.format_version}, "runtimes": bundle.runtimes}
-
-
 def _graph(bundle, precision: str):
     """The graph the loaded bundle carries for `precision` (format 1/2: the file beside it), or None."""
-    return carried(bundle.path, _plain(bundle), precision, read=lambda entry: entry["graph"].numpy().tobytes())
+    return carried(bundle.path, bundle.carried_header, precision, read=lambda entry: entry["graph"].numpy().tobytes())
 
 
 def choose_backend(bundle, device: torch.device, precision: str, backend: str = "auto") -> tuple[str, str]:
@@ -88,7 +83,7 @@ def choose_backend(bundle, device: torch.device, precision: str, backend: str = 
         return "torch", f"ONNX Runtime serves {' and '.join(GRAPH_PRECISIONS)}; {precision} runs on PyTorch"
     name = os.path.basename(bundle.path)
     # The reason is shown by GET /model: file names, never the server's paths.
-    if carries(bundle.path, precision, _plain(bundle)):
+    if carries(bundle.path, precision, bundle.carried_header):
         return "onnxruntime", f"{name} carries its {precision} graph"
     if backend == "onnxruntime":
         raise GraphError(missing_graph(bundle.path, precision))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.bundle import Bundle
-from models.graphs import bundle_header
+from models.graphs import bundle_header, carries_inside
 
 INT8_FORMAT = {"name": "pet-classifier-int8", "version": 2}  # 2: int8 backbone, float head
 ENTRY = "torch/int8"  # its name in the bundle's runtimes
@@ -152,10 +152,11 @@ def _entry_problem(state, where: str, content_hash: str | None) -> str | None:
     return None
 
 
-def _stored(bundle_path: str | os.PathLike, runtimes: dict | None, version: int) -> tuple[dict | None, str]:
-    """(the stored int8 network, where it is): the bundle's entry, or for format 1/2 the file beside it."""
-    if version >= 3:
-        return (runtimes or {}).get(ENTRY), f"{os.path.basename(bundle_path)}:{ENTRY}"
+def _stored(bundle_path: str | os.PathLike, header: dict) -> tuple[dict | None, str]:
+    """(the stored int8 network, where it is): the bundle's entry, or for format 1/2 the file beside it; `header`:
+    the bundle's format and runtimes (bundle_header, or Bundle.carried_header)."""
+    if carries_inside(header):
+        return (header.get("runtimes") or {}).get(ENTRY), f"{os.path.basename(bundle_path)}:{ENTRY}"
     path = int8_path(bundle_path)
     return (_load(path) if path.is_file() else None), str(path)
 
@@ -163,7 +164,7 @@ def _stored(bundle_path: str | os.PathLike, runtimes: dict | None, version: int)
 def read_int8(bundle: Bundle) -> dict:
     """The bundle's int8 network, checked (format, made from this very bundle); raises QuantizationError."""
     command = quantize_command(bundle.path, bundle.training.get("data_dir"))
-    state, where = _stored(bundle.path, bundle.runtimes, bundle.format_version)
+    state, where = _stored(bundle.path, bundle.carried_header)
     if state is None:
         raise QuantizationError(f"{os.path.basename(bundle.path)} carries no int8 network; make it with: {command}")
     problem = _entry_problem(state, where, bundle.content_hash)
@@ -177,12 +178,12 @@ def int8_problem(bundle_path: str | os.PathLike) -> str | None:
     with the command that fixes it), else None. Cheap: read without tensors."""
     try:
         header = bundle_header(bundle_path)
-        content_hash, version = header.get("content_hash"), header["format"].get("version", 0)
+        content_hash = header.get("content_hash")
     except Exception:  # an unreadable bundle is reported by the bundle loader itself
         return None
     command = quantize_command(bundle_path, (header.get("training") or {}).get("data_dir"))
     try:
-        state, where = _stored(bundle_path, header.get("runtimes"), version)
+        state, where = _stored(bundle_path, header)
     except QuantizationError as error:
         return f"{error}; make it again with: {command}"
     if state is None:

@@ -36,6 +36,7 @@ from models.graphs import (
     GraphError,
     bundle_header,
     carried,
+    carries_inside,
     check_graph,
     entry_name,
     graph_entry,
@@ -203,7 +204,7 @@ def upgrade_bundle(model_path: str | os.PathLike) -> dict:
     """A format-1/2 bundle with its graphs and PyTorch int8 network beside it -> one format-3 file carrying those
     made from it (rewritten atomically); the files moved in are removed, others (made from another bundle) named."""
     bundle = load_bundle(model_path)
-    if bundle.format_version >= 3:
+    if carries_inside(bundle.carried_header):
         carries = sorted(bundle.runtimes)
         return {"model": str(model_path), "version": bundle.version, "upgraded": False, "carries": carries}
     header, entries, moved, left = bundle_header(model_path), {}, [], []
